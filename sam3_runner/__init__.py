@@ -1,0 +1,25 @@
+"""SAM 3 inference core: weight loading, batched concept segmentation, post-processing.
+
+Knows nothing about HTTP, object storage or task rows.
+"""
+
+from sam3_runner.engine import Sam3Engine
+from sam3_runner.images import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image
+from sam3_runner.loading import LoadedModel, WeightsError, load_model
+from sam3_runner.types import BoxPrompt, Instance, Job, Prompt, PromptResult
+
+__all__ = [
+    "BoxPrompt",
+    "DecodedImage",
+    "ImageDecodeError",
+    "ImageTooLarge",
+    "Instance",
+    "Job",
+    "LoadedModel",
+    "Prompt",
+    "PromptResult",
+    "Sam3Engine",
+    "WeightsError",
+    "decode_image",
+    "load_model",
+]

@@ -1,0 +1,99 @@
+"""A tiny random-weight SAM 3 for trying the API with no weights, and for tests.
+
+The architecture is the real `Sam3Model`, shrunk (about 256K parameters); its outputs are meaningless.
+Constraints (see the shrinking notes): pixel size equals the ViT image size, FPN sizes follow the patch grid,
+every head's hidden size equals the FPN width, and the text model holds at least 32 positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPTextConfig,
+    CLIPTokenizer,
+    Sam3Config,
+    Sam3DETRDecoderConfig,
+    Sam3DETREncoderConfig,
+    Sam3GeometryEncoderConfig,
+    Sam3ImageProcessor,
+    Sam3MaskDecoderConfig,
+    Sam3Model,
+    Sam3Processor,
+    Sam3VisionConfig,
+    Sam3ViTConfig,
+)
+
+DEMO_IMAGE_SIZE = 56
+DEMO_SEED = 0
+DEMO_PRESENCE_LOGIT = 6.0
+_HIDDEN = 32
+
+
+def demo_config() -> Sam3Config:
+    grid = DEMO_IMAGE_SIZE // 14
+    vit = Sam3ViTConfig(
+        hidden_size=_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=DEMO_IMAGE_SIZE,
+        patch_size=14,
+        window_size=2,
+        global_attn_indexes=[1],
+        pretrain_image_size=DEMO_IMAGE_SIZE,
+    )
+    vision = Sam3VisionConfig(
+        backbone_config=vit,
+        fpn_hidden_size=_HIDDEN,
+        backbone_feature_sizes=[[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],
+    )
+    text = CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=_HIDDEN,
+        intermediate_size=64,
+        projection_dim=_HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+    )
+    heads = {"hidden_size": _HIDDEN, "num_attention_heads": 2, "intermediate_size": 64}
+    return Sam3Config(
+        vision_config=vision,
+        text_config=text,
+        geometry_encoder_config=Sam3GeometryEncoderConfig(num_layers=1, **heads),
+        detr_encoder_config=Sam3DETREncoderConfig(num_layers=1, **heads),
+        detr_decoder_config=Sam3DETRDecoderConfig(num_layers=1, num_queries=8, **heads),
+        mask_decoder_config=Sam3MaskDecoderConfig(hidden_size=_HIDDEN, num_attention_heads=2),
+    )
+
+
+def demo_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer built in memory: 256 byte symbols, their end-of-word forms, BOS and EOS."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def build_demo_model() -> tuple[Sam3Model, Sam3Processor]:
+    """Random weights drawn from a fixed seed, so every start of the demo gives the same answers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_SEED)
+        model = Sam3Model(demo_config()).eval()
+        # Random weights give presence ~0.5 and so scores ~0.25: nothing would pass the default threshold.
+        # A confident presence head makes about half the queries "detections", so the demo returns masks.
+        with torch.no_grad():
+            model.detr_decoder.presence_head.layer3.bias.fill_(DEMO_PRESENCE_LOGIT)
+    image_processor = Sam3ImageProcessor(
+        size={"height": DEMO_IMAGE_SIZE, "width": DEMO_IMAGE_SIZE},
+        mask_size={"height": DEMO_IMAGE_SIZE // 14 * 4, "width": DEMO_IMAGE_SIZE // 14 * 4},
+    )
+    processor = Sam3Processor(image_processor=image_processor, tokenizer=demo_tokenizer())
+    return model, processor

@@ -1,0 +1,88 @@
+"""Bytes -> RGB pixels in display orientation, refusing what cannot or should not be decoded."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+_WHITE = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read (empty, truncated, not an image format)."""
+
+
+class ImageTooLarge(ValueError):
+    """The image declares more pixels than allowed: refused before its pixels are decoded."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # HxWx3 uint8, RGB, display orientation
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode the first frame, apply EXIF orientation and convert any mode to RGB.
+
+    The pixel cap is checked on the header, before decoding, so a decompression bomb costs nothing.
+    """
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+    except (ImageTooLarge, ImageDecodeError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image is too large to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("the bytes are not a supported image format (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(f"the image could not be decoded: {exc}") from None
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageDecodeError("the image has no pixels")
+    return DecodedImage(pixels=np.asarray(rgb, dtype=np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every PIL mode: transparency is flattened on white, 16/32-bit greys are scaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        grey = ((values - low) * scale).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

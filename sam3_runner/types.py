@@ -1,0 +1,64 @@
+"""Plain data carried in and out of the runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# What the model is told when a prompt has exemplar boxes but no words (the reference does the same).
+BOX_ONLY_TEXT = "visual"
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """An exemplar box in original-image pixels (xyxy); negative boxes say "not this"."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One concept to segment: a noun phrase and/or exemplar boxes, with its own output limits."""
+
+    text: str | None = None
+    boxes: tuple[BoxPrompt, ...] = ()
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    max_instances: int = 100
+
+    def __post_init__(self) -> None:
+        if not (self.text and self.text.strip()) and not self.boxes:
+            raise ValueError("a prompt needs a text or at least one box")
+
+    @property
+    def model_text(self) -> str:
+        return self.text.strip() if self.text and self.text.strip() else BOX_ONLY_TEXT
+
+
+@dataclass
+class Job:
+    """One decoded image (HxWx3 uint8 RGB, display orientation) with the prompts to run on it."""
+
+    image: np.ndarray
+    prompts: list[Prompt]
+
+
+@dataclass
+class Instance:
+    score: float
+    box: tuple[float, float, float, float]  # xyxy, original-image pixels
+    area: int
+    rle: dict  # COCO RLE: {"size": [h, w], "counts": str}
+
+
+@dataclass
+class PromptResult:
+    instances: list[Instance]
+    union_mask: np.ndarray  # HxW bool, every kept instance
+    image_size: tuple[int, int]  # (width, height)
+    timings_ms: dict[str, float] = field(default_factory=dict)
