@@ -62,7 +62,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         raise ImageDecodeError(f"the image could not be decoded: {exc}") from None
     if rgb.width < 1 or rgb.height < 1:
         raise ImageDecodeError("the image has no pixels")
-    return DecodedImage(pixels=np.asarray(rgb, dtype=np.uint8))
+    return DecodedImage(pixels=np.array(rgb, dtype=np.uint8))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,98 @@
+"""Decoding: every mode to RGB, EXIF orientation applied, bad bytes refused with a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import encode, random_image
+from PIL import Image
+
+from sam3_runner import ImageDecodeError, ImageTooLarge, Job, Prompt, decode_image
+
+
+def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(pixels, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_exif_rotated_jpeg_is_decoded_in_display_orientation(orientation, rng):
+    decoded = decode_image(exif_jpeg(random_image(rng, 40, 80), orientation))
+    assert (decoded.width, decoded.height) == (40, 80)
+
+
+def test_exif_orientation_6_rotates_clockwise():
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # left half white
+    decoded = decode_image(exif_jpeg(pixels, 6))
+    assert decoded.pixels[:10].mean() > 200 and decoded.pixels[-10:].mean() < 50  # left became top
+
+
+def test_masks_of_an_exif_rotated_jpeg_are_in_display_orientation(engine, rng):
+    decoded = decode_image(exif_jpeg(random_image(rng, 30, 70), 8))
+    result = engine.run([Job(decoded.pixels, [Prompt("cat", score_threshold=0.0)])])[0][0]
+    assert result.image_size == (30, 70)
+    assert result.union_mask.shape == (70, 30)
+    assert all(instance.rle["size"] == [70, 30] for instance in result.instances)
+
+
+def _saved(image: Image.Image, fmt: str = "PNG", **args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **args)
+    return buffer.getvalue()
+
+
+def test_grey_and_16_bit_images_keep_their_brightness():
+    assert decode_image(_saved(Image.new("L", (8, 8), 100))).pixels.mean() == pytest.approx(100, abs=1)
+    sixteen = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    assert sixteen.mode.startswith("I;16")
+    assert decode_image(_saved(sixteen)).pixels.mean() == pytest.approx(40000 >> 8, abs=1)
+
+
+def test_transparency_is_flattened_on_white():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert tuple(decode_image(_saved(rgba)).pixels[0, 0]) == (255, 255, 255)
+    la = Image.new("LA", (8, 8), (0, 255))
+    assert tuple(decode_image(_saved(la)).pixels[0, 0]) == (0, 0, 0)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    assert tuple(decode_image(_saved(palette, transparency=0)).pixels[0, 0]) == (0, 255, 0)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red
+    red, green, blue = decode_image(_saved(cmyk, "JPEG")).pixels[4, 4]
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = _saved(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    red, _, blue = decode_image(data).pixels[0, 0]
+    assert red > 200 and blue < 60
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello, this is text", b"\x89PNG\r\n\x1a\n\x00\x00", b"\xff\xd8\xff\xe0\x00\x10JFIF"],
+    ids=["empty", "text", "truncated-png-header", "truncated-jpeg-header"],
+)
+def test_non_images_are_refused(data):
+    with pytest.raises(ImageDecodeError):
+        decode_image(data)
+
+
+def test_truncated_image_body_is_refused(rng):
+    data = encode(random_image(rng, 64, 64), "PNG")
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_pixel_cap_refuses_before_decoding():
+    huge_header = _saved(Image.new("L", (5000, 5000)))
+    with pytest.raises(ImageTooLarge, match="25000000 pixels"):
+        decode_image(huge_header, max_pixels=1_000_000)

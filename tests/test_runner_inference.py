@@ -1,0 +1,128 @@
+"""The runner's batched inference: batching never changes answers, prompts and limits do what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import random_image
+from runner_asserts import assert_same_result, decode_rle
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from sam3_runner import BoxPrompt, Job, Prompt
+
+ALL = {"score_threshold": 0.0, "max_instances": 200}
+
+
+def test_many_prompts_in_one_call_equal_one_at_a_time(engine, rng):
+    image = random_image(rng, 48, 80)
+    prompts = [Prompt("cat", **ALL), Prompt("a red car", **ALL), Prompt("dog", boxes=(BoxPrompt(5, 5, 40, 30),), **ALL)]
+    together = engine.run([Job(image, prompts)])[0]
+    for prompt, result in zip(prompts, together, strict=True):
+        alone = engine.run([Job(image, [prompt])])[0][0]
+        assert_same_result(result, alone)
+
+
+def test_batch_of_jobs_equals_jobs_run_alone(engine, rng):
+    jobs = [
+        Job(random_image(rng, 40, 60), [Prompt("cat", **ALL)]),
+        Job(random_image(rng, 90, 30), [Prompt("tree", **ALL), Prompt(boxes=(BoxPrompt(1, 1, 20, 50),), **ALL)]),
+        Job(random_image(rng, 56, 56), [Prompt("person", boxes=(BoxPrompt(0, 0, 10, 10, positive=False),), **ALL)]),
+    ]
+    batched = engine.run(jobs)
+    assert [len(results) for results in batched] == [1, 2, 1]
+    for job, results in zip(jobs, batched, strict=True):
+        alone = engine.run([job])[0]
+        for got, want in zip(results, alone, strict=True):
+            assert_same_result(got, want)
+
+
+def test_box_exemplars_change_the_result(engine, rng):
+    image = random_image(rng, 64, 64)
+    text_only = engine.run([Job(image, [Prompt("cat", **ALL)])])[0][0]
+    with_box = engine.run([Job(image, [Prompt("cat", boxes=(BoxPrompt(4, 4, 30, 30),), **ALL)])])[0][0]
+    assert not np.allclose([i.score for i in text_only.instances], [i.score for i in with_box.instances])
+
+
+def test_negative_and_box_only_prompts_are_answered(engine, rng):
+    image = random_image(rng, 50, 70)
+    negative = Prompt("cat", boxes=(BoxPrompt(10, 10, 40, 40), BoxPrompt(0, 0, 5, 5, positive=False)), **ALL)
+    box_only = Prompt(boxes=(BoxPrompt(10, 10, 40, 40),), **ALL)
+    negative_result, box_only_result = engine.run([Job(image, [negative, box_only])])[0]
+    assert len(negative_result.instances) == 8  # every query of the tiny model, threshold 0
+    assert len(box_only_result.instances) == 8
+    positive_only = engine.run([Job(image, [Prompt("cat", boxes=(BoxPrompt(10, 10, 40, 40),), **ALL)])])[0][0]
+    assert not np.allclose(
+        sorted(i.score for i in negative_result.instances), sorted(i.score for i in positive_only.instances)
+    )
+
+
+def test_rle_decodes_to_original_size_and_matches_union_and_area(engine, rng):
+    image = random_image(rng, 37, 91)
+    result = engine.run([Job(image, [Prompt("cat", score_threshold=0.5, mask_threshold=0.5)])])[0][0]
+    assert result.instances, "the demo weights are biased to detect something at the default threshold"
+    assert result.image_size == (91, 37)
+    assert result.union_mask.shape == (37, 91) and result.union_mask.dtype == bool
+    union = np.zeros((37, 91), dtype=bool)
+    for instance in result.instances:
+        mask = decode_rle(instance.rle)
+        assert mask.shape == (37, 91)
+        assert instance.rle["size"] == [37, 91]
+        assert int(mask.sum()) == instance.area
+        x1, y1, x2, y2 = instance.box
+        assert 0 <= x1 <= x2 <= 91 and 0 <= y1 <= y2 <= 37
+        union |= mask
+    assert np.array_equal(union, result.union_mask)
+
+
+def test_threshold_and_max_instances_are_honoured(engine, rng):
+    image = random_image(rng, 48, 48)
+    everything = engine.run([Job(image, [Prompt("cat", **ALL)])])[0][0]
+    scores = sorted((i.score for i in everything.instances), reverse=True)
+    threshold = (scores[2] + scores[3]) / 2
+    above = engine.run([Job(image, [Prompt("cat", score_threshold=threshold, max_instances=200)])])[0][0]
+    assert [i.score for i in above.instances] == sorted((i.score for i in above.instances), reverse=True)
+    assert len(above.instances) == 3 and all(i.score > threshold for i in above.instances)
+    top_two = engine.run([Job(image, [Prompt("cat", score_threshold=0.0, max_instances=2)])])[0][0]
+    assert [round(i.score, 6) for i in top_two.instances] == [round(s, 6) for s in scores[:2]]
+    none = engine.run([Job(image, [Prompt("cat", score_threshold=1.0)])])[0][0]
+    assert none.instances == [] and not none.union_mask.any() and none.union_mask.shape == (48, 48)
+
+
+def test_text_cache_hit_returns_identical_results(engine, rng):
+    image = random_image(rng, 40, 40)
+    text = "a unique phrase for the cache test"
+    misses_before = engine.text_cache.misses
+    first = engine.run([Job(image, [Prompt(text, **ALL)])])[0][0]
+    assert engine.text_cache.misses == misses_before + 1
+    hits_before = engine.text_cache.hits
+    second = engine.run([Job(image, [Prompt(text, **ALL)])])[0][0]
+    assert engine.text_cache.hits == hits_before + 1 and engine.text_cache.misses == misses_before + 1
+    assert [(i.score, i.box, i.rle) for i in first.instances] == [(i.score, i.box, i.rle) for i in second.instances]
+
+
+def test_timings_cover_every_stage(engine, rng):
+    result = engine.run([Job(random_image(rng, 30, 30), [Prompt("cat")])])[0][0]
+    assert set(result.timings_ms) == {"preprocess", "vision", "text", "heads", "postprocess", "total"}
+    assert all(value >= 0 for value in result.timings_ms.values())
+
+
+def test_text_only_prompt_runs_the_geometry_cls_token_like_meta(engine, rng):
+    """Meta's reference always adds the geometry encoder's CLS token; plain transformers skips it for text."""
+    model, processor = engine.model, engine.processor
+    image = random_image(rng, 56, 56)
+    ours = engine.run([Job(image, [Prompt("cat", **ALL)])])[0][0]
+
+    with torch.inference_mode():
+        pixels = processor(images=image, return_tensors="pt").pixel_values
+        text = processor.tokenizer(["cat"], padding="max_length", max_length=32, return_tensors="pt")
+        features = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
+        common = {"pixel_values": pixels, "attention_mask": text.attention_mask,
+                  "text_embeds": BaseModelOutputWithPooling(pooler_output=features.pooler_output)}
+        with_cls = model(**common, input_boxes=torch.zeros(1, 1, 4), input_boxes_labels=torch.full((1, 1), -10))
+        without_cls = model(**common)
+
+    def scores(outputs):
+        return sorted((outputs.pred_logits.sigmoid() * outputs.presence_logits.sigmoid())[0].tolist())
+
+    np.testing.assert_allclose(sorted(i.score for i in ours.instances), scores(with_cls), atol=1e-5)
+    assert not np.allclose(scores(with_cls), scores(without_cls), atol=1e-5)
