@@ -47,7 +47,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+                raise ImageTooLarge(
+                    f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
             image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image)

@@ -80,8 +80,14 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     requested = (requested or "auto").lower()
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if requested not in names:
         raise WeightsError(f"SAM3_DTYPE must be auto, bf16, fp16 or fp32, not {requested!r}")
     return names[requested]
@@ -98,16 +104,26 @@ def load_model(weights: str, device: str = "auto", dtype: str = "auto", hf_token
     if weights == DEMO:
         model, processor = build_demo_model()
         kind, source = "demo", "demo (tiny random weights, built in memory)"
-        log.warning("!!! SAM3_WEIGHTS_PATH=demo: RANDOM WEIGHTS. Masks are meaningless; use real weights in production.")
+        log.warning(
+            "!!! SAM3_WEIGHTS_PATH=demo: RANDOM WEIGHTS. Masks are meaningless; use real weights in production."
+        )
     else:
         kind, model, processor = _load_weights(weights, hf_token)
         source = weights
     model = model.to(device=target_device, dtype=target_dtype).eval()
     model.requires_grad_(False)
-    loaded = LoadedModel(model, processor, target_device, target_dtype, source, kind, kind == "demo",
-                         time.perf_counter() - started)
-    log.info("SAM 3 loaded from %s (%s) on %s as %s: %s parameters in %.1f s", source, kind, target_device,
-             target_dtype, f"{loaded.parameters:,}", loaded.load_seconds)
+    loaded = LoadedModel(
+        model, processor, target_device, target_dtype, source, kind, kind == "demo", time.perf_counter() - started
+    )
+    log.info(
+        "SAM 3 loaded from %s (%s) on %s as %s: %s parameters in %.1f s",
+        source,
+        kind,
+        target_device,
+        target_dtype,
+        f"{loaded.parameters:,}",
+        loaded.load_seconds,
+    )
     return loaded
 
 
@@ -139,7 +155,9 @@ def _from_meta_checkpoint(path: Path, hf_token: str | None) -> tuple[Sam3Model, 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = convert_state_dict(image_model_state_dict(checkpoint))
     except Exception as exc:  # unpickling and format errors come in many types
-        raise WeightsError(f"could not read the Meta checkpoint {path}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS) from None
+        raise WeightsError(
+            f"could not read the Meta checkpoint {path}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS
+        ) from None
     try:
         config = Sam3Config.from_pretrained(config_source, token=hf_token)
         processor = Sam3Processor.from_pretrained(config_source, token=hf_token)

@@ -35,8 +35,14 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (_VIT + r"blocks\.(\d+)\.attn\.proj\.(.+)", r"vision_encoder.backbone.layers.\1.attention.o_proj.\2"),
     (_VIT + r"blocks\.(\d+)\.mlp\.(fc[12])\.(.+)", r"vision_encoder.backbone.layers.\1.mlp.\2.\3"),
     # Vision: FPN neck (the 4x level has two transposed convs around a GELU, at indices 0 and 2)
-    (r"backbone\.vision_backbone\.convs\.(\d+)\.dconv_2x2(_0)?\.(.+)", r"vision_encoder.neck.fpn_layers.\1.scale_layers.0.\3"),
-    (r"backbone\.vision_backbone\.convs\.(\d+)\.dconv_2x2_1\.(.+)", r"vision_encoder.neck.fpn_layers.\1.scale_layers.2.\2"),
+    (
+        r"backbone\.vision_backbone\.convs\.(\d+)\.dconv_2x2(_0)?\.(.+)",
+        r"vision_encoder.neck.fpn_layers.\1.scale_layers.0.\3",
+    ),
+    (
+        r"backbone\.vision_backbone\.convs\.(\d+)\.dconv_2x2_1\.(.+)",
+        r"vision_encoder.neck.fpn_layers.\1.scale_layers.2.\2",
+    ),
     (r"backbone\.vision_backbone\.convs\.(\d+)\.conv_1x1\.(.+)", r"vision_encoder.neck.fpn_layers.\1.proj1.\2"),
     (r"backbone\.vision_backbone\.convs\.(\d+)\.conv_3x3\.(.+)", r"vision_encoder.neck.fpn_layers.\1.proj2.\2"),
     # Text: CLIP
@@ -44,16 +50,32 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (_TEXT + r"positional_embedding", r"text_encoder.text_model.embeddings.position_embedding.weight"),
     (_TEXT + r"ln_final\.(.+)", r"text_encoder.text_model.final_layer_norm.\1"),
     (_TEXT + r"text_projection", r"text_encoder.text_projection.weight"),
-    (_TEXT + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)",
-     r"text_encoder.text_model.encoder.layers.\1.self_attn.{qkv}_proj.\2"),
-    (_TEXT + r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(.+)",
-     r"text_encoder.text_model.encoder.layers.\1.self_attn.out_proj.\2"),
-    (_TEXT + r"transformer\.resblocks\.(\d+)\.ln_([12])\.(.+)", r"text_encoder.text_model.encoder.layers.\1.layer_norm\2.\3"),
-    (_TEXT + r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(.+)", r"text_encoder.text_model.encoder.layers.\1.mlp.fc1.\2"),
-    (_TEXT + r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(.+)", r"text_encoder.text_model.encoder.layers.\1.mlp.fc2.\2"),
+    (
+        _TEXT + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)",
+        r"text_encoder.text_model.encoder.layers.\1.self_attn.{qkv}_proj.\2",
+    ),
+    (
+        _TEXT + r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(.+)",
+        r"text_encoder.text_model.encoder.layers.\1.self_attn.out_proj.\2",
+    ),
+    (
+        _TEXT + r"transformer\.resblocks\.(\d+)\.ln_([12])\.(.+)",
+        r"text_encoder.text_model.encoder.layers.\1.layer_norm\2.\3",
+    ),
+    (
+        _TEXT + r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(.+)",
+        r"text_encoder.text_model.encoder.layers.\1.mlp.fc1.\2",
+    ),
+    (
+        _TEXT + r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(.+)",
+        r"text_encoder.text_model.encoder.layers.\1.mlp.fc2.\2",
+    ),
     (r"backbone\.language_backbone\.resizer\.(.+)", r"text_projection.\1"),
     # Geometry (exemplar box) encoder
-    (r"geometry_encoder\.encode\.(\d+)\." + _ATTN + r"\.in_proj_(weight|bias)", r"geometry_encoder.layers.\1.<\2>.{qkv}_proj.\3"),
+    (
+        r"geometry_encoder\.encode\.(\d+)\." + _ATTN + r"\.in_proj_(weight|bias)",
+        r"geometry_encoder.layers.\1.<\2>.{qkv}_proj.\3",
+    ),
     (r"geometry_encoder\.encode\.(\d+)\." + _ATTN + r"\.out_proj\.(.+)", r"geometry_encoder.layers.\1.<\2>.o_proj.\3"),
     (r"geometry_encoder\.encode\.(\d+)\.linear([12])\.(.+)", r"geometry_encoder.layers.\1.mlp.fc\2.\3"),
     (r"geometry_encoder\.encode\.(\d+)\.norm([123])\.(.+)", r"geometry_encoder.layers.\1.layer_norm\2.\3"),
@@ -62,26 +84,40 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"geometry_encoder\.encode_norm\.(.+)", r"geometry_encoder.output_layer_norm.\1"),
     (r"geometry_encoder\.(label_embed|cls_embed|boxes_\w+_project|final_proj)\.(.+)", r"geometry_encoder.\1.\2"),
     # DETR encoder
-    (r"transformer\.encoder\.layers\.(\d+)\." + _ATTN + r"\.in_proj_(weight|bias)", r"detr_encoder.layers.\1.<\2>.{qkv}_proj.\3"),
+    (
+        r"transformer\.encoder\.layers\.(\d+)\." + _ATTN + r"\.in_proj_(weight|bias)",
+        r"detr_encoder.layers.\1.<\2>.{qkv}_proj.\3",
+    ),
     (r"transformer\.encoder\.layers\.(\d+)\." + _ATTN + r"\.out_proj\.(.+)", r"detr_encoder.layers.\1.<\2>.o_proj.\3"),
     (r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.(.+)", r"detr_encoder.layers.\1.mlp.fc\2.\3"),
     (r"transformer\.encoder\.layers\.(\d+)\.norm([123])\.(.+)", r"detr_encoder.layers.\1.layer_norm\2.\3"),
     # DETR decoder
-    (r"transformer\.decoder\.layers\.(\d+)\." + _ATTN + r"\.in_proj_(weight|bias)",
-     r"detr_decoder.layers.\1.<decoder:\2>.{qkv}_proj.\3"),
-    (r"transformer\.decoder\.layers\.(\d+)\." + _ATTN + r"\.out_proj\.(.+)", r"detr_decoder.layers.\1.<decoder:\2>.o_proj.\3"),
+    (
+        r"transformer\.decoder\.layers\.(\d+)\." + _ATTN + r"\.in_proj_(weight|bias)",
+        r"detr_decoder.layers.\1.<decoder:\2>.{qkv}_proj.\3",
+    ),
+    (
+        r"transformer\.decoder\.layers\.(\d+)\." + _ATTN + r"\.out_proj\.(.+)",
+        r"detr_decoder.layers.\1.<decoder:\2>.o_proj.\3",
+    ),
     (r"transformer\.decoder\.layers\.(\d+)\.linear([12])\.(.+)", r"detr_decoder.layers.\1.mlp.fc\2.\3"),
     (r"transformer\.decoder\.layers\.(\d+)\.norm1\.(.+)", r"detr_decoder.layers.\1.vision_cross_attn_layer_norm.\2"),
     (r"transformer\.decoder\.layers\.(\d+)\.norm2\.(.+)", r"detr_decoder.layers.\1.self_attn_layer_norm.\2"),
     (r"transformer\.decoder\.layers\.(\d+)\.norm3\.(.+)", r"detr_decoder.layers.\1.mlp_layer_norm.\2"),
-    (r"transformer\.decoder\.layers\.(\d+)\.catext_norm\.(.+)", r"detr_decoder.layers.\1.text_cross_attn_layer_norm.\2"),
+    (
+        r"transformer\.decoder\.layers\.(\d+)\.catext_norm\.(.+)",
+        r"detr_decoder.layers.\1.text_cross_attn_layer_norm.\2",
+    ),
     (r"transformer\.decoder\.(query_embed|reference_points|presence_token)\.(.+)", r"detr_decoder.\1.\2"),
     (r"transformer\.decoder\.norm\.(.+)", r"detr_decoder.output_layer_norm.\1"),
     (r"transformer\.decoder\.presence_token_out_norm\.(.+)", r"detr_decoder.presence_layer_norm.\1"),
     (r"transformer\.decoder\.presence_token_head\.layers\.(\d+)\.(.+)", r"detr_decoder.presence_head.layer<+1:\1>.\2"),
     (r"transformer\.decoder\.bbox_embed\.layers\.(\d+)\.(.+)", r"detr_decoder.box_head.layer<+1:\1>.\2"),
     (r"transformer\.decoder\.ref_point_head\.layers\.(\d+)\.(.+)", r"detr_decoder.ref_point_head.layer<+1:\1>.\2"),
-    (r"transformer\.decoder\.boxRPB_embed_([xy])\.layers\.(\d+)\.(.+)", r"detr_decoder.box_rpb_embed_\1.layer<+1:\2>.\3"),
+    (
+        r"transformer\.decoder\.boxRPB_embed_([xy])\.layers\.(\d+)\.(.+)",
+        r"detr_decoder.box_rpb_embed_\1.layer<+1:\2>.\3",
+    ),
     # Scoring
     (r"dot_prod_scoring\.prompt_mlp\.layers\.(\d+)\.(.+)", r"dot_product_scoring.text_mlp.layer<+1:\1>.\2"),
     (r"dot_prod_scoring\.prompt_mlp\.out_norm\.(.+)", r"dot_product_scoring.text_mlp_out_norm.\1"),

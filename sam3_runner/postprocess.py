@@ -74,7 +74,9 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
     return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in encoded]
 
 
-def build_instances(scores: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor) -> tuple[list[Instance], np.ndarray]:
+def build_instances(
+    scores: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor
+) -> tuple[list[Instance], np.ndarray]:
     """Kept results for one prompt -> instances and their union mask, copying only kept data to the host."""
     areas = masks.sum(dim=(1, 2)).tolist()
     union = masks.any(dim=0) if masks.shape[0] else torch.zeros(masks.shape[1:], dtype=torch.bool, device=masks.device)

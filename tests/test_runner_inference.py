@@ -116,8 +116,11 @@ def test_text_only_prompt_runs_the_geometry_cls_token_like_meta(engine, rng):
         pixels = processor(images=image, return_tensors="pt").pixel_values
         text = processor.tokenizer(["cat"], padding="max_length", max_length=32, return_tensors="pt")
         features = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
-        common = {"pixel_values": pixels, "attention_mask": text.attention_mask,
-                  "text_embeds": BaseModelOutputWithPooling(pooler_output=features.pooler_output)}
+        common = {
+            "pixel_values": pixels,
+            "attention_mask": text.attention_mask,
+            "text_embeds": BaseModelOutputWithPooling(pooler_output=features.pooler_output),
+        }
         with_cls = model(**common, input_boxes=torch.zeros(1, 1, 4), input_boxes_labels=torch.full((1, 1), -10))
         without_cls = model(**common)
 

@@ -47,7 +47,7 @@ def to_meta_checkpoint(model: Sam3Model) -> dict:
     hf_state = model.state_dict()
     layer_count = {"blocks": len(model.vision_encoder.backbone.layers)}
     detector = {}
-    for key, full_shape in meta_keys().items():
+    for key in meta_keys():
         plan = plan_key(key)
         if plan is None:
             block = re.search(r"blocks\.(\d+)\.", key)
@@ -86,8 +86,9 @@ def test_meta_checkpoint_loads_and_matches_the_transformers_directory(tiny_model
             assert torch.equal(loaded.model.state_dict()[key], tensor), key
     image = random_image(rng, 40, 50)
     prompts = [Prompt("cat", score_threshold=0.0), Prompt(boxes=(), text="dog", score_threshold=0.0)]
-    for got, want in zip(Sam3Engine(loaded).run([Job(image, prompts)])[0], engine.run([Job(image, prompts)])[0],
-                         strict=True):
+    for got, want in zip(
+        Sam3Engine(loaded).run([Job(image, prompts)])[0], engine.run([Job(image, prompts)])[0], strict=True
+    ):
         assert_same_result(got, want, score_tol=1e-6)
 
 
