@@ -99,9 +99,7 @@ def load_model(weights: str, device: str = "auto", dtype: str = "auto", hf_token
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     weights = (weights or "").strip()
-    if not weights:
-        raise WeightsError("SAM3_WEIGHTS_PATH is empty. " + HOW_TO_GET_WEIGHTS)
-    if weights == DEMO:
+    if check_weights_reference(weights) == DEMO:
         model, processor = build_demo_model()
         kind, source = "demo", "demo (tiny random weights, built in memory)"
         log.warning(
@@ -127,16 +125,34 @@ def load_model(weights: str, device: str = "auto", dtype: str = "auto", hf_token
     return loaded
 
 
-def _load_weights(weights: str, hf_token: str | None) -> tuple[str, Sam3Model, Sam3Processor]:
+def check_weights_reference(weights: str) -> str:
+    """The kind of weights `weights` names ("demo", "directory", "meta_checkpoint", "hub"), without loading them.
+
+    Cheap enough to run before a background load, so a path that cannot work fails the start at once.
+    """
+    weights = (weights or "").strip()
+    if not weights:
+        raise WeightsError("SAM3_WEIGHTS_PATH is empty. " + HOW_TO_GET_WEIGHTS)
+    if weights == DEMO:
+        return "demo"
     path = Path(weights).expanduser()
     if path.is_dir():
-        return "directory", *_from_pretrained(str(path), None, f"the directory {path}")
+        return "directory"
     if path.is_file():
-        return "meta_checkpoint", *_from_meta_checkpoint(path, hf_token)
+        return "meta_checkpoint"
     looks_like_path = weights.startswith(("/", ".", "~")) or weights.endswith((".pt", ".pth")) or path.exists()
     if looks_like_path or not _HUB_ID.match(weights):
         raise WeightsError(f"SAM3_WEIGHTS_PATH={weights!r} does not exist. " + HOW_TO_GET_WEIGHTS)
-    return "hub", *_from_pretrained(weights, hf_token, f"the Hugging Face repo {weights}")
+    return "hub"
+
+
+def _load_weights(weights: str, hf_token: str | None) -> tuple[str, Sam3Model, Sam3Processor]:
+    kind = check_weights_reference(weights)
+    if kind == "directory":
+        return kind, *_from_pretrained(str(Path(weights).expanduser()), None, f"the directory {weights}")
+    if kind == "meta_checkpoint":
+        return kind, *_from_meta_checkpoint(Path(weights).expanduser(), hf_token)
+    return kind, *_from_pretrained(weights, hf_token, f"the Hugging Face repo {weights}")
 
 
 def _from_pretrained(location: str, hf_token: str | None, what: str) -> tuple[Sam3Model, Sam3Processor]:
@@ -167,7 +183,10 @@ def _from_meta_checkpoint(path: Path, hf_token: str | None) -> tuple[Sam3Model, 
             f"{_first_line(exc)}. Put config.json and the processor files beside the checkpoint, or set HF_TOKEN."
         ) from None
     model = Sam3Model(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise WeightsError(f"the Meta checkpoint {path} does not fit the SAM 3 config: {_first_line(exc)}") from None
     if missing or unexpected:
         raise WeightsError(
             f"the Meta checkpoint {path} does not fit the SAM 3 architecture: {len(missing)} missing keys "

@@ -1,0 +1,133 @@
+"""The public contract's request and response bodies (docs/api-contract.md is the prose of these models)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_PROMPT_CHARS = 256
+MAX_BATCH_PROMPTS = 32
+MAX_BOXES = 16
+MAX_INSTANCES = 200
+MAX_IMAGE_URL_CHARS = 2048
+USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Box(BaseModel):
+    """An exemplar box in original-image pixels; `negative` means "not this kind of thing"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x1: float = Field(ge=0, allow_inf_nan=False)
+    y1: float = Field(ge=0, allow_inf_nan=False)
+    x2: float = Field(ge=0, allow_inf_nan=False)
+    y2: float = Field(ge=0, allow_inf_nan=False)
+    label: Literal["positive", "negative"] = "positive"
+
+    @model_validator(mode="after")
+    def _has_area(self) -> Box:
+        if self.x2 <= self.x1 or self.y2 <= self.y1:
+            raise ValueError("a box needs x2 > x1 and y2 > y1")
+        return self
+
+
+class PredictOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL")
+    user_id: str = Field(pattern=USER_ID_PATTERN)
+    task_id: str = Field(description="The segmentation_results row id (a UUID)")
+    boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
+    threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
+    mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
+    max_instances: int = Field(100, ge=1, le=MAX_INSTANCES)
+    include_rle: bool = True
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_id_is_uuid(cls, value: str) -> str:
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise ValueError("task_id must be a UUID") from None
+
+
+def _clean_prompt(value: str) -> str:
+    return _CONTROL_CHARACTERS.sub(" ", value).strip()
+
+
+class PredictRequest(PredictOptions):
+    text_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="A noun phrase, e.g. 'red car'")
+
+    @field_validator("text_prompt")
+    @classmethod
+    def _clean(cls, value: str | None) -> str | None:
+        return _clean_prompt(value) or None if value is not None else None
+
+    @model_validator(mode="after")
+    def _has_a_prompt(self) -> PredictRequest:
+        if not self.text_prompt and not self.boxes:
+            raise ValueError("send a text_prompt, boxes, or both")
+        return self
+
+
+class BatchPredictRequest(PredictOptions):
+    prompts: list[str] = Field(min_length=1, max_length=MAX_BATCH_PROMPTS)
+
+    @field_validator("prompts")
+    @classmethod
+    def _clean(cls, values: list[str]) -> list[str]:
+        cleaned = [_clean_prompt(value) for value in values]
+        if any(len(value) > MAX_PROMPT_CHARS for value in cleaned):
+            raise ValueError(f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
+        if not all(cleaned):
+            raise ValueError("every prompt must have some text")
+        return cleaned
+
+
+class InstanceOut(BaseModel):
+    label: str
+    score: float
+    box: list[float] = Field(description="xyxy in original-image pixels")
+    area: int
+    rle: dict | None = Field(None, description="COCO RLE {size: [h, w], counts: str}")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class PredictResponse(BaseModel):
+    task_id: str
+    mask_url: str
+    mask_key: str
+    labels: list[str]
+    inference_time_ms: float
+    confidence: float
+    num_instances: int
+    image: ImageSize
+    instances: list[InstanceOut]
+    timings: dict[str, float]
+
+
+class BatchPredictResponse(BaseModel):
+    task_id: str
+    mask_url: str
+    mask_key: str
+    results: list[PredictResponse]
+    total_inference_time_ms: float
+    timings: dict[str, float]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,102 @@
+"""One error shape for every failure: {"error": {"code", "message"}} with a stable code and the right status."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from sam3_runner import ImageDecodeError, ImageTooLarge
+from storage import ObjectNotFound, ObjectTooLarge, StorageTimeout, StorageUnavailable, UnsupportedImageUrl
+from tasks import TaskNotUpdated, TaskStoreTimeout, TaskStoreUnavailable
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message)
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+# Domain failure -> (HTTP status, stable code). Messages come from the exception, which never holds secrets.
+_STATUS_AND_CODE: dict[type[Exception], tuple[int, str]] = {
+    UnsupportedImageUrl: (400, "unsupported_image_url"),
+    ObjectNotFound: (404, "image_not_found"),
+    ObjectTooLarge: (422, "image_too_large"),
+    ImageTooLarge: (422, "image_too_large"),
+    ImageDecodeError: (400, "invalid_image"),
+    StorageUnavailable: (502, "storage_unavailable"),
+    StorageTimeout: (504, "storage_timeout"),
+    TaskNotUpdated: (404, "task_not_found"),
+    TaskStoreUnavailable: (502, "database_unavailable"),
+    TaskStoreTimeout: (504, "database_timeout"),
+}
+
+# Codes the model service returns for one item -> HTTP status.
+MODEL_ERROR_STATUS = {
+    "invalid_image": 400,
+    "image_too_large": 422,
+    "invalid_box": 422,
+    "model_loading": 503,
+    "model_unavailable": 503,
+    "inference_failed": 500,
+}
+
+
+def to_api_error(exc: Exception) -> ApiError | None:
+    for kind, (status, code) in _STATUS_AND_CODE.items():
+        if isinstance(exc, kind):
+            return ApiError(status, code, str(exc))
+    return None
+
+
+# Pydantic validation failures -> stable codes, by the field that failed.
+_FIELD_CODES = {
+    "text_prompt": "prompt_too_long",
+    "prompts": "invalid_prompts",
+    "boxes": "invalid_box",
+    "task_id": "invalid_task_id",
+    "user_id": "invalid_user_id",
+    "image_url": "unsupported_image_url",
+    "threshold": "invalid_option",
+    "mask_threshold": "invalid_option",
+    "max_instances": "invalid_option",
+    "include_rle": "invalid_option",
+}
+
+
+def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
+    """The status, code and message for the first validation error FastAPI reports."""
+    if not errors:
+        return 422, "invalid_request", "the request body is not valid"
+    first = errors[0]
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in location)
+    if first.get("type") == "json_invalid":
+        return 400, "invalid_json", "the request body is not valid JSON"
+    if not location:
+        if first.get("type") == "model_attributes_type":
+            return 422, "invalid_request", "the body must be a JSON object sent with Content-Type: application/json"
+        if "prompt" in message:
+            return 422, "missing_prompt", message
+        return 422, "invalid_request", message
+    field = str(location[0])
+    code = _FIELD_CODES.get(field, "invalid_request")
+    if field == "prompts":
+        error_type = first.get("type")
+        if error_type == "too_long":
+            code = "too_many_prompts"
+        elif "characters" in message:
+            code = "prompt_too_long"
+    if field == "text_prompt" and first.get("type") != "string_too_long":
+        code = "invalid_request"
+    if first.get("type") == "missing":
+        code = "missing_field"
+    return 422, code, f"{where}: {message}"

@@ -1,0 +1,206 @@
+"""One predict request, top to bottom: row -> processing, download, model, upload, row -> completed.
+
+Any failure marks the row failed with a readable message and becomes the contract's HTTP error; a row never
+stays `processing` after its request has ended, cancellation included. Keys depend only on user and task,
+so sending a task again overwrites the same objects and row (idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
+from backend.errors import MODEL_ERROR_STATUS, ApiError, to_api_error
+from backend.masks import mask_png
+from backend.protocol import box_prompts, make_item, unpack_mask
+from sam3_runner import BOX_ONLY_TEXT, Prompt
+from storage import ObjectStore
+from tasks import TaskResult, TaskStore
+
+log = logging.getLogger(__name__)
+
+SegmentCall = Callable[[dict], Awaitable[dict]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+class PredictPipeline:
+    def __init__(self, store: ObjectStore, tasks: TaskStore, segment: SegmentCall, limits: Limits) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.segment = segment
+        self.limits = limits
+
+    async def predict(self, request: PredictRequest) -> dict:
+        prompt = self._prompt(request, request.text_prompt)
+        label = request.text_prompt or BOX_ONLY_TEXT
+        body, _ = await self._run(request, [prompt], [label], [mask_key(request.user_id, request.task_id)])
+        return body[0]
+
+    async def predict_batch(self, request: BatchPredictRequest) -> dict:
+        prompts = [self._prompt(request, text) for text in request.prompts]
+        keys = [mask_key(request.user_id, request.task_id, index) for index in range(len(prompts))]
+        results, combined = await self._run(request, prompts, request.prompts, keys)
+        return {
+            "task_id": request.task_id,
+            "mask_url": combined["mask_url"],
+            "mask_key": combined["mask_key"],
+            "results": results,
+            "total_inference_time_ms": combined["inference_time_ms"],
+            "timings": combined["timings"],
+        }
+
+    @staticmethod
+    def _prompt(request: PredictOptions, text: str | None) -> Prompt:
+        return Prompt(
+            text=text,
+            boxes=box_prompts(request.boxes),
+            score_threshold=request.threshold,
+            mask_threshold=request.mask_threshold,
+            max_instances=request.max_instances,
+        )
+
+    async def _run(self, request: PredictOptions, prompts: list[Prompt], labels: list[str], keys: list[str]):
+        """Returns (one response body per prompt, a summary of the whole task)."""
+        started = time.perf_counter()
+        await self._guard(self.tasks.mark_processing(request.task_id))
+        try:
+            bodies, summary = await self._process(request, prompts, labels, keys, started)
+            await self._guard(self.tasks.mark_completed(request.task_id, summary["task_result"]))
+            return bodies, summary
+        except ApiError as error:
+            await self._record_failure(request.task_id, f"{error.code}: {error.message}")
+            raise
+        except asyncio.CancelledError:
+            await asyncio.shield(self._record_failure(request.task_id, "cancelled: the request ended before a result"))
+            raise
+        except Exception:
+            log.exception("task %s failed unexpectedly", request.task_id)
+            await self._record_failure(request.task_id, "internal_error: the server failed while processing")
+            raise ApiError(500, "internal_error", "the server failed while processing this request") from None
+
+    async def _process(self, request, prompts, labels, keys, started):
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        key = await self._guard(asyncio.to_thread(self.store.resolve_image_key, request.image_url))
+        image = await self._guard(asyncio.to_thread(self.store.get_image, key, self.limits.max_image_bytes))
+        timings["download"] = _ms_since(clock)
+
+        clock = time.perf_counter()
+        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels))
+        timings["model"] = _ms_since(clock)
+
+        clock = time.perf_counter()
+        results = outcome["results"]
+        masks = [unpack_mask(result) for result in results]
+        combined_key = mask_key(request.user_id, request.task_id)
+        uploads = [self._upload(key, mask) for key, mask in zip(keys, masks, strict=True)]
+        if combined_key not in keys:
+            uploads.append(self._upload(combined_key, np.logical_or.reduce(masks)))
+        stored = await asyncio.gather(*uploads)
+        urls = {item.key: item.url for item in stored}
+        timings["upload"] = _ms_since(clock)
+
+        model_timings = results[0]["timings"]
+        inference_ms = round(model_timings["total"], 2)
+        timings = {**{f"model_{k}": v for k, v in model_timings.items()}, **timings}
+        timings["total"] = _ms_since(started)
+        bodies = [
+            _body(request, label, result, key, urls[key], inference_ms, timings)
+            for label, result, key in zip(labels, results, keys, strict=True)
+        ]
+        instances = [instance for body in bodies for instance in body["instances"]]
+        summary = {
+            "mask_url": urls[combined_key],
+            "mask_key": combined_key,
+            "inference_time_ms": inference_ms,
+            "timings": timings,
+            "task_result": TaskResult(
+                mask_url=urls[combined_key],
+                labels=[instance["label"] for instance in instances],
+                confidence=max((instance["score"] for instance in instances), default=0.0),
+                inference_time_ms=round(inference_ms),
+                result={"results": [_without_rle(body) for body in bodies]},
+            ),
+        }
+        return bodies, summary
+
+    async def _call_model(self, item: dict) -> dict:
+        try:
+            outcome = await self.segment(item)
+        except Exception as exc:  # the model service's client raises transport errors of many kinds
+            log.error("the model service call failed: %s", type(exc).__name__)
+            raise ApiError(503, "model_unavailable", "the model service is unavailable; retry shortly") from None
+        if not outcome["ok"]:
+            code, message = outcome["error"]["code"], outcome["error"]["message"]
+            raise ApiError(MODEL_ERROR_STATUS.get(code, 500), code, message)
+        return outcome
+
+    async def _upload(self, key: str, mask: np.ndarray):
+        png = await asyncio.to_thread(mask_png, mask)
+        return await self._guard(asyncio.to_thread(self.store.put_png, key, png))
+
+    @staticmethod
+    async def _guard(awaitable):
+        """Storage and task-store failures -> the contract's errors."""
+        try:
+            return await awaitable
+        except Exception as exc:
+            error = to_api_error(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    async def _record_failure(self, task_id: str, message: str) -> None:
+        try:
+            await self.tasks.mark_failed(task_id, message)
+        except Exception as exc:  # the row cannot be written (Supabase down): say so, keep the original error
+            log.error("task %s: could not mark the row failed (%s)", task_id, type(exc).__name__)
+
+
+def mask_key(user_id: str, task_id: str, index: int | None = None) -> str:
+    return f"masks/{user_id}/{task_id}.png" if index is None else f"masks/{user_id}/{task_id}/{index}.png"
+
+
+def _body(request, label, result, key, url, inference_ms, timings) -> dict:
+    instances = [
+        {
+            "label": label,
+            "score": round(instance["score"], 6),
+            "box": instance["box"],
+            "area": instance["area"],
+            "rle": instance["rle"] if request.include_rle else None,
+        }
+        for instance in result["instances"]
+    ]
+    width, height = result["image_size"]
+    return {
+        "task_id": request.task_id,
+        "mask_url": url,
+        "mask_key": key,
+        "labels": [label] * len(instances),
+        "inference_time_ms": inference_ms,
+        "confidence": max((instance["score"] for instance in instances), default=0.0),
+        "num_instances": len(instances),
+        "image": {"width": width, "height": height},
+        "instances": instances,
+        "timings": timings,
+    }
+
+
+def _without_rle(body: dict) -> dict:
+    return {**body, "instances": [{**instance, "rle": None} for instance in body["instances"]]}
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

@@ -1,0 +1,136 @@
+"""The model service's work: load SAM 3 in the background, decode a batch's images in parallel, run them
+through the engine together, and answer per item, so one bad image or one failed job never fails the batch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from backend.protocol import failure, item_prompts, success
+from backend.settings import Settings
+from sam3_runner import (
+    DecodedImage,
+    ImageDecodeError,
+    ImageTooLarge,
+    Job,
+    Prompt,
+    Sam3Engine,
+    WeightsError,
+    decode_image,
+    load_model,
+)
+from sam3_runner.loading import check_weights_reference
+
+log = logging.getLogger(__name__)
+
+DECODE_THREADS = 4
+
+
+class Segmenter:
+    def __init__(self, settings: Settings) -> None:
+        check_weights_reference(settings.sam3_weights_path)  # a bad path fails the start, with how to fix it
+        self._settings = settings
+        self._engine: Sam3Engine | None = None
+        self._load_error: str | None = None
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
+        self._loader.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    def status(self) -> dict:
+        engine = self._engine
+        state = "ready" if engine else ("failed" if self._load_error else "loading")
+        status = {"state": state, "model_loaded": engine is not None, "gpu_available": torch.cuda.is_available()}
+        if self._load_error:
+            status["error"] = self._load_error
+        if engine:
+            status["info"] = engine.loaded.info()
+            status["text_cache"] = {
+                "size": len(engine.text_cache),
+                "hits": engine.text_cache.hits,
+                "misses": engine.text_cache.misses,
+            }
+        return status
+
+    def segment(self, items: list[dict]) -> list[dict]:
+        engine = self._engine
+        if engine is None:
+            if self._load_error:
+                return [failure("model_unavailable", "the model failed to load; see the server log")] * len(items)
+            return [failure("model_loading", "the model is still loading; retry shortly")] * len(items)
+        decoded = list(self._decoder.map(_timed_decode, items))
+        outcomes: list[dict | None] = [None] * len(items)
+        runnable: list[tuple[int, Job, float]] = []
+        for index, (item, (image, decode_ms, error)) in enumerate(zip(items, decoded, strict=True)):
+            prompts = item_prompts(item)
+            error = error or _box_error(prompts, image)
+            if error:
+                outcomes[index] = error
+            else:
+                runnable.append((index, Job(image.pixels, prompts), decode_ms))
+        for (index, _, decode_ms), result in zip(runnable, self._run_isolating_failures(engine, runnable), strict=True):
+            outcomes[index] = result if isinstance(result, dict) else success(result, decode_ms)
+        return outcomes
+
+    def _run_isolating_failures(self, engine: Sam3Engine, runnable: list) -> list:
+        """Run all jobs together; on failure (out of memory included) split the batch in halves and retry,
+        so only a job that fails on its own gets an error."""
+        if not runnable:
+            return []
+        jobs = [job for _, job, _ in runnable]
+        try:
+            return engine.run(jobs)
+        except Exception as exc:  # the model can raise anything; we contain it to the failing job
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(runnable) == 1:
+                log.exception("inference failed for one job")
+                return [failure("inference_failed", f"inference failed ({type(exc).__name__})")]
+            log.warning("a batch of %d failed (%s); splitting it", len(runnable), type(exc).__name__)
+            middle = len(runnable) // 2
+            return self._run_isolating_failures(engine, runnable[:middle]) + self._run_isolating_failures(
+                engine, runnable[middle:]
+            )
+
+    def _load(self) -> None:
+        settings = self._settings
+        try:
+            loaded = load_model(
+                settings.sam3_weights_path,
+                device=settings.sam3_device,
+                dtype=settings.sam3_dtype,
+                hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+            )
+            self._engine = Sam3Engine(loaded, settings.text_cache_size, settings.max_pairs_per_forward)
+        except WeightsError as exc:
+            self._load_error = str(exc)
+            log.error("SAM 3 could not be loaded: %s", exc)
+        except Exception as exc:  # anything else while loading must still leave a readable state
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("SAM 3 could not be loaded")
+
+
+def _timed_decode(item: dict) -> tuple[DecodedImage | None, float, dict | None]:
+    started = time.perf_counter()
+    try:
+        image = decode_image(item["image"], max_pixels=item["max_pixels"])
+    except ImageTooLarge as exc:
+        return None, 0.0, failure("image_too_large", str(exc))
+    except ImageDecodeError as exc:
+        return None, 0.0, failure("invalid_image", str(exc))
+    return image, (time.perf_counter() - started) * 1000, None
+
+
+def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:
+    for prompt in prompts:
+        for index, box in enumerate(prompt.boxes):
+            if box.x1 >= image.width or box.y1 >= image.height:
+                return failure("invalid_box", f"box {index} lies outside the {image.width}x{image.height} image")
+    return None

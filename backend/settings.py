@@ -1,0 +1,86 @@
+"""Every setting, read from the environment (and .env) in one place. `.env.example` documents each one."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
+
+    # Model
+    sam3_weights_path: str = "facebook/sam3"
+    sam3_device: str = "auto"
+    sam3_dtype: str = "auto"
+    hf_token: SecretStr | None = None
+    text_cache_size: int = Field(1024, ge=0)
+    max_batch_size: int = Field(16, ge=2, le=128)
+    max_latency_ms: int = Field(30_000, ge=10)
+    max_pairs_per_forward: int = Field(64, ge=1)
+
+    # R2 (S3 API). With no endpoint and bucket, masks and images live under LOCAL_STORAGE_DIR.
+    r2_endpoint: str | None = None
+    r2_access_key_id: str | None = None
+    r2_secret_access_key: SecretStr | None = None
+    r2_bucket: str | None = None
+    r2_public_base_url: str | None = None
+    r2_presign_ttl_s: int = Field(0, ge=0, le=7 * 24 * 3600)
+    r2_timeout_s: float = Field(10.0, gt=0)
+    r2_max_attempts: int = Field(3, ge=1, le=10)
+    local_storage_dir: str = "var/storage"
+
+    # Supabase (service_role key; the backend only UPDATEs rows)
+    supabase_url: str | None = None
+    supabase_service_key: SecretStr | None = None
+    supabase_table: str = "segmentation_results"
+    supabase_timeout_s: float = Field(10.0, gt=0)
+
+    # The edge
+    api_secret_key: SecretStr | None = None
+    sam3_env: str = "development"
+    cors_origins: Annotated[list[str], NoDecode] = []
+    request_timeout_s: int = Field(300, ge=1)
+    max_concurrency: int = Field(256, ge=1)
+
+    # Input limits
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_prompt_chars: int = Field(256, ge=1)
+    max_batch_prompts: int = Field(32, ge=1)
+    max_boxes: int = Field(16, ge=1)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @property
+    def production(self) -> bool:
+        return self.sam3_env.lower() in ("production", "prod")
+
+    @property
+    def r2_configured(self) -> bool:
+        return bool(self.r2_endpoint and self.r2_bucket)
+
+    @property
+    def supabase_configured(self) -> bool:
+        return bool(self.supabase_url and self.supabase_service_key)
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in a log line or a response body."""
+        values = [self.hf_token, self.r2_secret_access_key, self.supabase_service_key, self.api_secret_key]
+        return [value.get_secret_value() for value in values if value and value.get_secret_value()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,54 @@
+"""Settings -> the concrete storage and task store, with the startup announcements a deployer must see."""
+
+from __future__ import annotations
+
+import logging
+
+from backend.settings import Settings
+from storage import LocalStorage, ObjectStore, R2Storage
+from tasks import DisabledTaskStore, SupabaseTaskStore, TaskStore
+
+log = logging.getLogger(__name__)
+
+
+def build_store(settings: Settings) -> ObjectStore:
+    if settings.r2_configured:
+        secret = settings.r2_secret_access_key.get_secret_value() if settings.r2_secret_access_key else None
+        return R2Storage(
+            endpoint_url=settings.r2_endpoint,
+            bucket=settings.r2_bucket,
+            access_key_id=settings.r2_access_key_id,
+            secret_access_key=secret,
+            public_base_url=settings.r2_public_base_url,
+            presign_ttl_s=settings.r2_presign_ttl_s,
+            timeout_s=settings.r2_timeout_s,
+            max_attempts=settings.r2_max_attempts,
+        )
+    log.warning(
+        "!!! R2 is not configured (R2_ENDPOINT, R2_BUCKET): images and masks use the local directory %s",
+        settings.local_storage_dir,
+    )
+    return LocalStorage(settings.local_storage_dir, settings.r2_public_base_url)
+
+
+def build_task_store(settings: Settings) -> TaskStore:
+    if settings.supabase_configured:
+        return SupabaseTaskStore(
+            settings.supabase_url,
+            settings.supabase_service_key.get_secret_value(),
+            settings.supabase_table,
+            settings.supabase_timeout_s,
+        )
+    log.warning("!!! Supabase is not configured (SUPABASE_URL, SUPABASE_SERVICE_KEY): task rows are NOT updated")
+    return DisabledTaskStore()
+
+
+def check_auth(settings: Settings) -> str | None:
+    """The API key to enforce; refuses to start in production without one."""
+    key = settings.api_secret_key.get_secret_value() if settings.api_secret_key else ""
+    if key:
+        return key
+    if settings.production:
+        raise RuntimeError("SAM3_ENV=production requires API_SECRET_KEY: refusing to start without authentication")
+    log.warning("!!! API_SECRET_KEY is empty: DEV MODE, every request is accepted without X-API-Key")
+    return None

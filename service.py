@@ -1,0 +1,167 @@
+"""The Bento: a public gateway (no GPU) in front of the SAM 3 model service (one GPU, adaptive batching).
+
+Edge --X-API-Key--> Gateway: validate, row->processing, R2 download --> Sam3Model.segment (batched)
+                    Gateway: mask PNG -> R2, row->completed | failed, JSON response
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend import redaction
+from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
+from backend.auth import ApiKeyMiddleware
+from backend.errors import ApiError, error_response, validation_error_code
+from backend.pipeline import Limits, PredictPipeline
+from backend.segmenter import Segmenter
+from backend.settings import get_settings
+from backend.wiring import build_store, build_task_store, check_auth
+
+log = logging.getLogger("sam3.service")
+settings = get_settings()
+redaction.install(settings.secrets())
+API_KEY = check_auth(settings)
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 500, 502, 503, 504)}
+api = FastAPI(
+    title="SAM 3 inference backend",
+    version="1.0.0",
+    description="Segment every instance of a concept. The contract is docs/api-contract.md.",
+    docs_url="/api/v1/docs",
+    openapi_url="/api/v1/openapi.json",
+    redoc_url=None,
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_failed(request: Request, exc: RequestValidationError):
+    status, code, message = validation_error_code(exc.errors())
+    return error_response(status, code, message)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return exc.response()
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+    return error_response(500, "internal_error", "the server failed while processing this request")
+
+
+@bentoml.service(
+    name="sam3-model",
+    resources={"gpu": 1},
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s},
+    # BentoML's internal client recycles connections in use (bentoml#5540): never recycle them.
+    runner_connection={"max_requests": 10**9, "max_age": 10.0**9},
+)
+class Sam3Model:
+    """Owns the GPU. Loads SAM 3 in the background: /livez answers at once, /readyz says 503 until loaded."""
+
+    def __init__(self) -> None:
+        self.segmenter = Segmenter(settings)
+
+    def __is_ready__(self) -> bool:
+        return self.segmenter.ready
+
+    @bentoml.api(
+        batchable=True, batch_dim=0, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms
+    )
+    def segment(self, items: list[dict]) -> list[dict]:
+        return self.segmenter.segment(items)
+
+    @bentoml.api
+    def status(self) -> dict:
+        return self.segmenter.status()
+
+
+@bentoml.service(
+    name="sam3-gateway",
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_concurrency},
+    http={
+        "cors": {
+            "enabled": bool(settings.cors_origins),
+            "access_control_allow_origins": settings.cors_origins,
+            "access_control_allow_methods": ["GET", "POST", "OPTIONS"],
+            "access_control_allow_headers": ["Content-Type", "X-API-Key"],
+        }
+    },
+)
+@bentoml.asgi_app(api, path="/")
+class Gateway:
+    """Public edge: no GPU. Authentication, validation, storage and task rows; inference goes to Sam3Model."""
+
+    model = bentoml.depends(Sam3Model)
+
+    def __init__(self) -> None:
+        self.pipeline = PredictPipeline(
+            store=build_store(settings),
+            tasks=build_task_store(settings),
+            segment=self._segment,
+            limits=Limits(settings.max_image_bytes, settings.max_image_pixels),
+        )
+
+    async def _segment(self, item: dict) -> dict:
+        return (await self.model.to_async.segment([item]))[0]
+
+    @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(self, body: PredictRequest) -> dict:
+        return await self.pipeline.predict(body)
+
+    @api.post("/api/v1/predict/batch", response_model=BatchPredictResponse, responses=ERRORS)
+    async def predict_batch(self, body: BatchPredictRequest) -> dict:
+        return await self.pipeline.predict_batch(body)
+
+    @api.get("/api/v1/info", responses=ERRORS)
+    @api.post("/api/v1/info", responses=ERRORS)
+    async def info(self) -> dict:
+        status = await self._model_status()
+        if not status.get("model_loaded"):
+            code = "model_unavailable" if status.get("state") == "failed" else "model_loading"
+            raise ApiError(503, code, status.get("error") or "the model is still loading")
+        return {
+            **status["info"],
+            "max_batch_size": settings.max_batch_size,
+            "max_latency_ms": settings.max_latency_ms,
+            "gpu_available": status["gpu_available"],
+            "text_cache": status["text_cache"],
+            "storage": self.pipeline.store.name,
+            "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",
+        }
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        status = await self._model_status()
+        return {
+            "status": "ok" if status.get("model_loaded") else status.get("state", "unavailable"),
+            "model_loaded": bool(status.get("model_loaded")),
+            "gpu_available": bool(status.get("gpu_available")),
+            "storage": self.pipeline.store.name,
+            "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",
+            "auth": "api_key" if API_KEY else "disabled (dev mode)",
+        }
+
+    async def _model_status(self) -> dict:
+        try:
+            return await self.model.to_async.status()
+        except Exception as exc:  # the model service is down or restarting
+            log.warning("model status unavailable: %s", type(exc).__name__)
+            return {"state": "unavailable", "model_loaded": False, "gpu_available": False}
+
+
+Gateway.add_asgi_middleware(ApiKeyMiddleware, api_key=API_KEY)

@@ -1,0 +1,61 @@
+"""A directory standing in for R2 when none is configured (the embedded default). Paths never leave the root."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from storage.base import StoredObject
+from storage.errors import ObjectNotFound, ObjectTooLarge, StorageUnavailable, UnsupportedImageUrl
+from storage.references import resolve_image_key, validate_key
+
+LOCAL_BUCKET = "local"
+
+
+class LocalStorage:
+    name = "local"
+
+    def __init__(self, root: str | os.PathLike[str], public_base_url: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+
+    def resolve_image_key(self, image_url: str) -> str:
+        return resolve_image_key(image_url, LOCAL_BUCKET, None, self.public_base_url)
+
+    def path_for(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if not path.is_relative_to(self.root):
+            raise UnsupportedImageUrl("the object key leaves the storage root")
+        return path
+
+    def get_image(self, key: str, max_bytes: int) -> bytes:
+        path = self.path_for(key)
+        try:
+            with path.open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size > max_bytes:
+                    raise ObjectTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
+                return handle.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r} in local storage") from None
+
+    def put_png(self, key: str, data: bytes) -> StoredObject:
+        """Written to a temporary file and renamed, so a reader never sees half a mask."""
+        path = self.path_for(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as handle:
+                handle.write(data)
+            os.replace(handle.name, path)
+        except OSError as exc:
+            raise StorageUnavailable(f"local storage could not write the mask ({exc.strerror})") from None
+        return StoredObject(key=key, url=self.url_for(key))
+
+    def url_for(self, key: str) -> str:
+        return f"{self.public_base_url}/{key}" if self.public_base_url else self.path_for(key).as_uri()
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageUnavailable(f"local storage root {self.root} is not writable")

@@ -1,0 +1,118 @@
+"""Cloudflare R2 through boto3's S3 client: SigV4, region "auto", timeouts and retries."""
+
+from __future__ import annotations
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from storage.base import StoredObject
+from storage.errors import ObjectNotFound, ObjectTooLarge, StorageTimeout, StorageUnavailable
+from storage.references import resolve_image_key, validate_key
+
+_CHUNK = 1024 * 1024
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_REFUSED = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "403", "InvalidToken", "ExpiredToken"}
+
+
+class R2Storage:
+    name = "r2"
+
+    def __init__(
+        self,
+        endpoint_url: str,
+        bucket: str,
+        access_key_id: str | None,
+        secret_access_key: str | None,
+        public_base_url: str | None = None,
+        presign_ttl_s: int = 0,
+        timeout_s: float = 10.0,
+        max_attempts: int = 3,
+    ) -> None:
+        self.endpoint_url = endpoint_url.rstrip("/")
+        self.bucket = bucket
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.presign_ttl_s = presign_ttl_s
+        self._client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name="auto",
+            config=Config(
+                signature_version="s3v4",
+                connect_timeout=timeout_s,
+                read_timeout=timeout_s,
+                retries={"max_attempts": max_attempts, "mode": "standard"},  # backoff on throttling and 5xx
+                max_pool_connections=64,
+                # R2 does not implement every newer default checksum header; only send them when required.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def resolve_image_key(self, image_url: str) -> str:
+        return resolve_image_key(image_url, self.bucket, self.endpoint_url, self.public_base_url)
+
+    def get_image(self, key: str, max_bytes: int) -> bytes:
+        """The object's bytes, refusing (while streaming) anything over `max_bytes`."""
+        with _translated_errors(key):
+            response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
+            length = response.get("ContentLength")
+            body = response["Body"]
+            try:
+                if length is not None and length > max_bytes:
+                    raise ObjectTooLarge(f"the image is {length} bytes; the limit is {max_bytes}")
+                chunks, received = [], 0
+                for chunk in body.iter_chunks(_CHUNK):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise ObjectTooLarge(f"the image is over the {max_bytes}-byte limit")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            finally:
+                body.close()
+
+    def put_png(self, key: str, data: bytes) -> StoredObject:
+        with _translated_errors(key):
+            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType="image/png")
+            return StoredObject(key=key, url=self.url_for(key))
+
+    def url_for(self, key: str) -> str:
+        if self.public_base_url:
+            return f"{self.public_base_url}/{key}"
+        if self.presign_ttl_s:
+            return self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
+            )
+        return f"{self.endpoint_url}/{self.bucket}/{key}"
+
+    def check(self) -> None:
+        with _translated_errors(""):
+            self._client.head_bucket(Bucket=self.bucket)
+
+
+class _translated_errors:
+    """boto3's exceptions -> storage errors whose messages are safe to return."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
+            return False
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                raise ObjectNotFound(f"no object {self.key!r} in the bucket") from None
+            if code in _REFUSED:
+                raise StorageUnavailable(f"R2 refused the request ({code}): check the R2 credentials") from None
+            if code == "NoSuchBucket":
+                raise StorageUnavailable("the configured R2 bucket does not exist") from None
+            raise StorageUnavailable(f"R2 answered with an error ({code or 'unknown'})") from None
+        if isinstance(exc, botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError):
+            raise StorageTimeout("R2 did not answer in time") from None
+        raise StorageUnavailable(f"R2 could not be reached ({type(exc).__name__})") from None
