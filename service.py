@@ -140,6 +140,7 @@ class Gateway:
             "max_latency_ms": settings.max_latency_ms,
             "gpu_available": status["gpu_available"],
             "text_cache": status["text_cache"],
+            "batching": status["batching"],
             "storage": self.pipeline.store.name,
             "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",
         }

@@ -36,6 +36,8 @@ class Segmenter:
         self._settings = settings
         self._engine: Sam3Engine | None = None
         self._load_error: str | None = None
+        self._batches = 0
+        self._largest_batch = 0
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
         self._loader.start()
@@ -50,6 +52,7 @@ class Segmenter:
         status = {"state": state, "model_loaded": engine is not None, "gpu_available": torch.cuda.is_available()}
         if self._load_error:
             status["error"] = self._load_error
+        status["batching"] = {"batches": self._batches, "largest_batch": self._largest_batch}
         if engine:
             status["info"] = engine.loaded.info()
             status["text_cache"] = {
@@ -65,6 +68,8 @@ class Segmenter:
             if self._load_error:
                 return [failure("model_unavailable", "the model failed to load; see the server log")] * len(items)
             return [failure("model_loading", "the model is still loading; retry shortly")] * len(items)
+        self._batches += 1
+        self._largest_batch = max(self._largest_batch, len(items))
         decoded = list(self._decoder.map(_timed_decode, items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
