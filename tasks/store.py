@@ -127,7 +127,7 @@ class SupabaseTaskStore:
     async def _get_client(self) -> AsyncClient:
         async with self._client_lock:
             if self._client is None:
-                options = AsyncClientOptions(postgrest_client_timeout=self._timeout_s, auto_refresh_token=False)
+                options = AsyncClientOptions(auto_refresh_token=False)  # timeouts: asyncio.wait_for in _call
                 self._client = await acreate_client(self._url, self._key, options=options)
             return self._client
 

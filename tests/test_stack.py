@@ -1,0 +1,307 @@
+"""The predict pipeline against REAL servers: SeaweedFS standing in for R2, PostgreSQL + PostgREST + nginx for
+Supabase. Both start here, on 127.0.0.1 and free ports, and stop by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+from botocore.exceptions import ClientError
+from conftest import encode, random_image
+from PIL import Image
+from served import ServedBento
+from stack import new_task_row, r2_settings, running, s3_client, supabase_settings, task_row
+
+from backend.api_models import PredictRequest
+from backend.errors import ApiError
+from backend.pipeline import Limits, PredictPipeline
+from backend.segmenter import Segmenter
+from backend.settings import Settings
+from storage import R2Storage, StorageUnavailable
+from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult
+
+pytestmark = pytest.mark.stack
+API_KEY = "stack-test-key-9876543210"
+
+
+@pytest.fixture(scope="module")
+def r2(tmp_path_factory):
+    with running("s3_server.sh", tmp_path_factory.mktemp("r2")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def supabase(tmp_path_factory):
+    with running("supabase_stack.sh", tmp_path_factory.mktemp("supabase")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def bucket(r2):
+    client = s3_client(r2)
+    rng = np.random.default_rng(3)
+    client.put_object(
+        Bucket=r2["R2_BUCKET"],
+        Key="images/in.jpg",
+        Body=encode(random_image(rng, 90, 160), "JPEG"),
+        ContentType="image/jpeg",
+    )
+    client.put_object(Bucket=r2["R2_BUCKET"], Key="images/corrupt.png", Body=b"\x89PNG\r\n\x1a\n garbage")
+    return client
+
+
+@pytest.fixture(scope="module")
+def server(r2, supabase, bucket, tmp_path_factory):
+    env = {**r2_settings(r2), **supabase_settings(supabase), "API_SECRET_KEY": API_KEY}
+    bento = ServedBento(env, tmp_path_factory.mktemp("logs") / "serve.log").start()
+    yield bento
+    bento.stop()
+
+
+def predict(server, payload, path="/api/v1/predict"):
+    return httpx.post(f"{server.url}{path}", json=payload, headers={"X-API-Key": API_KEY}, timeout=60)
+
+
+def mask_in_bucket(bucket, r2, key) -> np.ndarray:
+    data = bucket.get_object(Bucket=r2["R2_BUCKET"], Key=key)
+    assert data["ContentType"] == "image/png"
+    return np.array(Image.open(io.BytesIO(data["Body"].read())))
+
+
+def test_predict_end_to_end_writes_mask_and_row(server, r2, supabase, bucket):
+    task_id, user_id = new_task_row(supabase)
+    request = {
+        "image_url": f"r2://{r2['R2_BUCKET']}/images/in.jpg",
+        "text_prompt": "car",
+        "user_id": user_id,
+        "task_id": task_id,
+        "threshold": 0.3,
+    }
+    response = predict(server, request)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    mask = mask_in_bucket(bucket, r2, result["mask_key"])
+    assert mask.shape == (90, 160) and (mask == 255).sum() > 0
+    row = task_row(supabase, task_id)
+    assert row["status"] == "completed" and row["error_message"] is None
+    assert row["mask_url"] == result["mask_url"] and row["labels"] == result["labels"]
+    assert row["confidence"] == pytest.approx(result["confidence"], abs=1e-6)
+    assert row["inference_time_ms"] == round(result["inference_time_ms"])
+    assert row["result"]["results"][0]["num_instances"] == result["num_instances"]
+
+
+def test_batch_end_to_end(server, r2, supabase, bucket):
+    task_id, user_id = new_task_row(supabase)
+    url = f"{r2['R2_ENDPOINT_URL']}/{r2['R2_BUCKET']}/images/in.jpg"
+    response = predict(
+        server,
+        {
+            "image_url": url,
+            "prompts": ["car", "road"],
+            "user_id": user_id,
+            "task_id": task_id,
+            "threshold": 0.0,
+            "max_instances": 2,
+        },
+        "/api/v1/predict/batch",
+    )
+    assert response.status_code == 200, response.text
+    for index, result in enumerate(response.json()["results"]):
+        assert result["mask_key"] == f"masks/{user_id}/{task_id}/{index}.png"
+        assert mask_in_bucket(bucket, r2, result["mask_key"]).shape == (90, 160)
+    row = task_row(supabase, task_id)
+    assert row["status"] == "completed" and len(row["labels"]) == 4
+
+
+def test_same_task_twice_is_idempotent(server, r2, supabase, bucket):
+    task_id, user_id = new_task_row(supabase)
+    request = {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id}
+    first, second = predict(server, request).json(), predict(server, request).json()
+    assert first["mask_key"] == second["mask_key"] and first["instances"] == second["instances"]
+    assert task_row(supabase, task_id)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("image_url", "status", "code"),
+    [
+        ("images/nope.jpg", 404, "image_not_found"),
+        ("images/corrupt.png", 400, "invalid_image"),
+        ("r2://another-bucket/images/in.jpg", 400, "unsupported_image_url"),
+    ],
+)
+def test_failures_mark_the_row_failed(server, supabase, image_url, status, code):
+    task_id, user_id = new_task_row(supabase)
+    response = predict(server, {"image_url": image_url, "text_prompt": "car", "user_id": user_id, "task_id": task_id})
+    assert response.status_code == status and response.json()["error"]["code"] == code
+    row = task_row(supabase, task_id)
+    assert row["status"] == "failed" and row["error_message"].startswith(code)
+
+
+def test_missing_row_is_reported_and_nothing_is_processed(server, r2, bucket):
+    task_id = str(uuid.uuid4())
+    response = predict(server, {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": "u", "task_id": task_id})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "task_not_found"
+    with pytest.raises(ClientError):
+        bucket.head_object(Bucket=r2["R2_BUCKET"], Key=f"masks/u/{task_id}.png")
+
+
+class ConnectionTrap:
+    """A listening socket on 127.0.0.1 that counts every connection made to it."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen()
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.socket.accept()
+                self.connections += 1
+                connection.close()
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.socket.close()
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://127.0.0.1:{port}/{bucket}/images/in.jpg",
+        "http://localhost:{port}/x.jpg",
+        "https://user:pass@127.0.0.1:{port}/{bucket}/in.jpg",
+        "http://[::1]:{port}/a.png",
+        "file:///etc/passwd",
+        "http://169.254.169.254/latest/meta-data/",
+        "gopher://127.0.0.1:{port}/",
+    ],
+)
+def test_ssrf_urls_are_refused_before_any_request(server, r2, supabase, template):
+    trap = ConnectionTrap()
+    try:
+        task_id, user_id = new_task_row(supabase)
+        url = template.format(port=trap.port, bucket=r2["R2_BUCKET"])
+        response = predict(server, {"image_url": url, "text_prompt": "x", "user_id": user_id, "task_id": task_id})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_image_url"
+        time.sleep(0.3)
+        assert trap.connections == 0
+        assert task_row(supabase, task_id)["status"] == "failed"
+    finally:
+        trap.close()
+
+
+def test_anon_key_cannot_update_rows(supabase):
+    task_id, _ = new_task_row(supabase, status="pending")
+    anon = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_ANON_KEY"])
+    with pytest.raises(TaskNotUpdated, match="service_role"):
+        asyncio.run(anon.mark_processing(task_id))
+    assert task_row(supabase, task_id)["status"] == "pending"
+
+
+def test_table_without_result_column_still_completes(supabase):
+    import psycopg
+
+    with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
+        db.execute(
+            "create table public.plain_results (id uuid primary key, status text, mask_url text, labels jsonb,"
+            " confidence double precision, inference_time_ms integer, error_message text)"
+        )
+        task_id = str(uuid.uuid4())
+        db.execute("insert into public.plain_results (id, status) values (%s, 'pending')", (task_id,))
+        db.execute("notify pgrst, 'reload schema'")
+    time.sleep(1.0)
+    store = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"], table="plain_results")
+    asyncio.run(store.mark_completed(task_id, TaskResult("u", ["car"], 0.9, 12, {"results": []})))
+    with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
+        assert db.execute("select status, labels from plain_results where id = %s", (task_id,)).fetchone() == (
+            "completed",
+            ["car"],
+        )
+
+
+# In-process pipeline against real servers: the same modules the gateway uses, with one server broken.
+@pytest.fixture(scope="module")
+def segmenter():
+    segmenter = Segmenter(Settings(sam3_weights_path="demo", sam3_device="cpu", _env_file=None))
+    deadline = time.monotonic() + 60
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return segmenter
+
+
+def pipeline_for(r2_env, supabase_env, segmenter, secret=None):
+    store = R2Storage(
+        r2_env["R2_ENDPOINT_URL"],
+        r2_env["R2_BUCKET"],
+        r2_env["R2_ACCESS_KEY_ID"],
+        secret or r2_env["R2_SECRET_ACCESS_KEY"],
+        timeout_s=2,
+        max_attempts=1,
+    )
+    tasks = SupabaseTaskStore(supabase_env["SUPABASE_URL"], supabase_env["SUPABASE_SERVICE_ROLE_KEY"], timeout_s=3)
+
+    async def segment(item):
+        return (await asyncio.to_thread(segmenter.segment, [item]))[0]
+
+    return PredictPipeline(store, tasks, segment, Limits(20_000_000, 50_000_000))
+
+
+def run_predict(pipeline, task_id, user_id, image_url="images/in.jpg"):
+    request = PredictRequest(image_url=image_url, text_prompt="car", user_id=user_id, task_id=task_id)
+    return asyncio.run(pipeline.predict(request))
+
+
+def test_wrong_r2_secret_is_a_clear_error_and_a_failed_row(r2, supabase, bucket, segmenter):
+    task_id, user_id = new_task_row(supabase)
+    with pytest.raises(ApiError) as error:
+        run_predict(pipeline_for(r2, supabase, segmenter, secret="wrong-secret"), task_id, user_id)
+    assert (error.value.status, error.value.code) == (502, "storage_unavailable")
+    assert "SignatureDoesNotMatch" in error.value.message
+    assert task_row(supabase, task_id)["status"] == "failed"
+    with pytest.raises(StorageUnavailable):
+        R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], "wrong").check()
+
+
+def test_r2_down_fails_the_row(supabase, segmenter, tmp_path):
+    with running("s3_server.sh", tmp_path / "r2-down") as dying_r2:
+        s3_client(dying_r2).put_object(
+            Bucket=dying_r2["R2_BUCKET"],
+            Key="images/in.jpg",
+            Body=encode(random_image(np.random.default_rng(1), 30, 30), "JPEG"),
+        )
+        task_id, user_id = new_task_row(supabase)
+        assert run_predict(pipeline_for(dying_r2, supabase, segmenter), task_id, user_id)["num_instances"] >= 0
+    task_id, user_id = new_task_row(supabase)
+    with pytest.raises(ApiError) as error:
+        run_predict(pipeline_for(dying_r2, supabase, segmenter), task_id, user_id)
+    assert error.value.status in (502, 504) and error.value.code in ("storage_unavailable", "storage_timeout")
+    row = task_row(supabase, task_id)
+    assert row["status"] == "failed" and row["error_message"].startswith(error.value.code)
+
+
+def test_supabase_down_is_a_clear_error_and_nothing_is_written(r2, bucket, segmenter, tmp_path):
+    with running("supabase_stack.sh", tmp_path / "sb-down") as dying_supabase:
+        task_id, user_id = new_task_row(dying_supabase)
+        pipeline = pipeline_for(r2, dying_supabase, segmenter)
+    with pytest.raises(ApiError) as error:
+        run_predict(pipeline, task_id, user_id)
+    assert (error.value.status, error.value.code) in ((502, "database_unavailable"), (504, "database_timeout"))
+    with pytest.raises(ClientError):
+        bucket.head_object(Bucket=r2["R2_BUCKET"], Key=f"masks/{user_id}/{task_id}.png")
