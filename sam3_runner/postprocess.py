@@ -66,12 +66,29 @@ def scale_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return torch.minimum((boxes * scale).clamp(min=0), limit)
 
 
-def encode_rle(masks: np.ndarray) -> list[dict]:
-    """Bool masks [n, H, W] -> COCO RLE dicts with string counts (JSON-ready)."""
-    if masks.shape[0] == 0:
+def encode_rle(masks: torch.Tensor) -> list[dict]:
+    """Bool masks [n, H, W] -> COCO RLE dicts with string counts (JSON-ready).
+
+    Run boundaries are found on the masks' device and only they travel to the host (a few KB per mask instead of
+    H*W bytes); pycocotools then compresses the run lengths. On a GPU with ~100 full-HD masks per prompt this
+    replaces ~200 MB of copies and the CPU pass over every pixel (bench/results).
+    """
+    count, height, width = masks.shape
+    if count == 0:
         return []
-    encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in encoded]
+    column_major = masks.transpose(1, 2).reshape(count, height * width)
+    mask_index, position = (column_major[:, 1:] != column_major[:, :-1]).nonzero(as_tuple=True)
+    first_values = column_major[:, 0].cpu().numpy()
+    mask_index, position = mask_index.cpu().numpy(), position.cpu().numpy()
+    splits = np.searchsorted(mask_index, np.arange(1, count))
+    uncompressed = []
+    for first, ends in zip(first_values, np.split(position + 1, splits), strict=True):
+        counts = np.diff(np.concatenate(([0], ends, [height * width])))
+        if first:
+            counts = np.concatenate(([0], counts))  # COCO runs start with background
+        uncompressed.append({"size": [height, width], "counts": counts.tolist()})
+    encoded = mask_utils.frPyObjects(uncompressed, height, width)
+    return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in encoded]
 
 
 def build_instances(
@@ -80,8 +97,7 @@ def build_instances(
     """Kept results for one prompt -> instances and their union mask, copying only kept data to the host."""
     areas = masks.sum(dim=(1, 2)).tolist()
     union = masks.any(dim=0) if masks.shape[0] else torch.zeros(masks.shape[1:], dtype=torch.bool, device=masks.device)
-    host_masks = masks.cpu().numpy()
-    rles = encode_rle(host_masks)
+    rles = encode_rle(masks)
     instances = [
         Instance(score=float(score), box=tuple(round(float(v), 2) for v in box), area=int(area), rle=rle)
         for score, box, area, rle in zip(scores.tolist(), boxes.tolist(), areas, rles, strict=True)

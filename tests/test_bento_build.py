@@ -19,8 +19,14 @@ def bento(tmp_path_factory) -> Path:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     for secret in ("API_SECRET_KEY", "R2_SECRET_ACCESS_KEY", "SUPABASE_SERVICE_KEY", "HF_TOKEN"):
         env.pop(secret, None)
-    built = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", str(ROOT)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     (bento_dir,) = [p for p in (home / "bentos" / "sam3-backend").iterdir() if p.is_dir()]
     return bento_dir
