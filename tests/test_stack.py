@@ -305,3 +305,16 @@ def test_supabase_down_is_a_clear_error_and_nothing_is_written(r2, bucket, segme
     assert (error.value.status, error.value.code) in ((502, "database_unavailable"), (504, "database_timeout"))
     with pytest.raises(ClientError):
         bucket.head_object(Bucket=r2["R2_BUCKET"], Key=f"masks/{user_id}/{task_id}.png")
+
+
+def test_presigned_mask_url_serves_the_png(r2):
+    store = R2Storage(
+        r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"], presign_ttl_s=60
+    )
+    png = encode(np.zeros((4, 4, 3), dtype=np.uint8), "PNG")
+    stored = store.put_png("masks/presign/t.png", png)
+    assert "X-Amz-Signature" in stored.url
+    response = httpx.get(stored.url)
+    assert response.status_code == 200 and response.content == png
+    assert response.headers["content-type"] == "image/png"
+    assert httpx.get(stored.url.replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403

@@ -1,0 +1,87 @@
+"""The model service's batch handling: per-item answers, so one bad item never fails the others."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import encode, random_image
+
+from backend.protocol import make_item, unpack_mask
+from backend.segmenter import Segmenter
+from backend.settings import Settings
+from sam3_runner import BoxPrompt, Prompt, WeightsError
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    segmenter = Segmenter(Settings(sam3_weights_path="demo", sam3_device="cpu", _env_file=None))
+    deadline = time.monotonic() + 60
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segmenter.ready
+    return segmenter
+
+
+def items(count: int) -> list[dict]:
+    rng = np.random.default_rng(count)
+    return [
+        make_item(encode(random_image(rng, 40, 60), "JPEG"), [Prompt("cat", score_threshold=0.0)], 10**8)
+        for _ in range(count)
+    ]
+
+
+def test_bad_items_fail_alone(segmenter):
+    batch = items(2) + [make_item(b"not an image", [Prompt("cat")], 10**8)]
+    batch.append(
+        make_item(
+            encode(random_image(np.random.default_rng(0), 40, 60)),
+            [Prompt(boxes=(BoxPrompt(100, 100, 120, 120),))],
+            10**8,
+        )
+    )
+    batch.append(make_item(encode(random_image(np.random.default_rng(0), 400, 600)), [Prompt("cat")], 1000))
+    outcomes = segmenter.segment(batch)
+    assert [o["ok"] for o in outcomes] == [True, True, False, False, False]
+    assert [o["error"]["code"] for o in outcomes[2:]] == ["invalid_image", "invalid_box", "image_too_large"]
+    assert unpack_mask(outcomes[0]["results"][0]).shape == (40, 60)
+
+
+def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):
+    engine = segmenter._engine
+    real_run, calls = engine.run, []
+
+    def run_with_oom_above_two(jobs):
+        calls.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(jobs)
+
+    monkeypatch.setattr(engine, "run", run_with_oom_above_two)
+    outcomes = segmenter.segment(items(5))
+    assert all(outcome["ok"] for outcome in outcomes)
+    assert calls == [5, 2, 3, 1, 2]  # halves until every piece fits
+
+
+def test_a_job_that_fails_alone_gets_an_error_and_the_rest_succeed(segmenter, monkeypatch):
+    engine = segmenter._engine
+    real_run = engine.run
+
+    def fail_on_tall_images(jobs):
+        if any(job.image.shape[0] == 99 for job in jobs):
+            raise RuntimeError("kernel failure")
+        return real_run(jobs)
+
+    monkeypatch.setattr(engine, "run", fail_on_tall_images)
+    batch = items(3)
+    batch[1] = make_item(encode(random_image(np.random.default_rng(5), 99, 20)), [Prompt("cat")], 10**8)
+    outcomes = segmenter.segment(batch)
+    assert [o["ok"] for o in outcomes] == [True, False, True]
+    assert outcomes[1]["error"]["code"] == "inference_failed"
+
+
+def test_a_bad_weights_path_fails_the_start():
+    with pytest.raises(WeightsError, match="does not exist"):
+        Segmenter(Settings(sam3_weights_path="/nowhere/sam3", _env_file=None))
