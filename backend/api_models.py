@@ -40,7 +40,7 @@ class PredictOptions(BaseModel):
 
     image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL")
     user_id: str = Field(pattern=USER_ID_PATTERN)
-    task_id: str = Field(description="The segmentation_results row id (a UUID)")
+    task_id: str = Field(description="The segmentation_results row id", json_schema_extra={"format": "uuid"})
     boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
     threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
     mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)

@@ -96,7 +96,7 @@ def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
         elif "characters" in message:
             code = "prompt_too_long"
     if field == "text_prompt" and first.get("type") != "string_too_long":
-        code = "invalid_request"
-    if first.get("type") == "missing":
+        code = "invalid_prompt"
+    if first.get("type") == "missing" and len(location) == 1:
         code = "missing_field"
     return 422, code, f"{where}: {message}"

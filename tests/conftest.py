@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from served import ServedBento
+from stack import STACK_API_KEY, r2_settings, running, s3_client, supabase_settings
 
 from sam3_runner import Sam3Engine, load_model
 from sam3_runner.demo import build_demo_model
@@ -40,3 +42,41 @@ def encode(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def r2(tmp_path_factory):
+    """SeaweedFS standing in for R2, for the whole session."""
+    with running("s3_server.sh", tmp_path_factory.mktemp("r2")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def supabase(tmp_path_factory):
+    """PostgreSQL + PostgREST + nginx standing in for Supabase, for the whole session."""
+    with running("supabase_stack.sh", tmp_path_factory.mktemp("supabase")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def bucket(r2):
+    """The bucket, holding a photo-like JPEG and a corrupt PNG."""
+    client = s3_client(r2)
+    rng = np.random.default_rng(3)
+    client.put_object(
+        Bucket=r2["R2_BUCKET"],
+        Key="images/in.jpg",
+        Body=encode(random_image(rng, 90, 160), "JPEG"),
+        ContentType="image/jpeg",
+    )
+    client.put_object(Bucket=r2["R2_BUCKET"], Key="images/corrupt.png", Body=b"\x89PNG\r\n\x1a\n garbage")
+    return client
+
+
+@pytest.fixture(scope="session")
+def stack_server(r2, supabase, bucket, tmp_path_factory):
+    """A real `bentoml serve` wired to both stand-ins, with an API key."""
+    env = {**r2_settings(r2), **supabase_settings(supabase), "API_SECRET_KEY": STACK_API_KEY}
+    bento = ServedBento(env, tmp_path_factory.mktemp("stack-logs") / "serve.log").start()
+    yield bento
+    bento.stop()

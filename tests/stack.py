@@ -16,6 +16,7 @@ from botocore.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts" / "local-stack"
+STACK_API_KEY = "stack-test-key-9876543210"
 
 
 def _exports(text: str) -> dict[str, str]:

@@ -16,8 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 from conftest import encode, random_image
 from PIL import Image
-from served import ServedBento
-from stack import new_task_row, r2_settings, running, s3_client, supabase_settings, task_row
+from stack import STACK_API_KEY, new_task_row, running, s3_client, task_row
 
 from backend.api_models import PredictRequest
 from backend.errors import ApiError
@@ -28,45 +27,10 @@ from storage import R2Storage, StorageUnavailable
 from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult
 
 pytestmark = pytest.mark.stack
-API_KEY = "stack-test-key-9876543210"
-
-
-@pytest.fixture(scope="module")
-def r2(tmp_path_factory):
-    with running("s3_server.sh", tmp_path_factory.mktemp("r2")) as env:
-        yield env
-
-
-@pytest.fixture(scope="module")
-def supabase(tmp_path_factory):
-    with running("supabase_stack.sh", tmp_path_factory.mktemp("supabase")) as env:
-        yield env
-
-
-@pytest.fixture(scope="module")
-def bucket(r2):
-    client = s3_client(r2)
-    rng = np.random.default_rng(3)
-    client.put_object(
-        Bucket=r2["R2_BUCKET"],
-        Key="images/in.jpg",
-        Body=encode(random_image(rng, 90, 160), "JPEG"),
-        ContentType="image/jpeg",
-    )
-    client.put_object(Bucket=r2["R2_BUCKET"], Key="images/corrupt.png", Body=b"\x89PNG\r\n\x1a\n garbage")
-    return client
-
-
-@pytest.fixture(scope="module")
-def server(r2, supabase, bucket, tmp_path_factory):
-    env = {**r2_settings(r2), **supabase_settings(supabase), "API_SECRET_KEY": API_KEY}
-    bento = ServedBento(env, tmp_path_factory.mktemp("logs") / "serve.log").start()
-    yield bento
-    bento.stop()
 
 
 def predict(server, payload, path="/api/v1/predict"):
-    return httpx.post(f"{server.url}{path}", json=payload, headers={"X-API-Key": API_KEY}, timeout=60)
+    return httpx.post(f"{server.url}{path}", json=payload, headers={"X-API-Key": STACK_API_KEY}, timeout=60)
 
 
 def mask_in_bucket(bucket, r2, key) -> np.ndarray:
@@ -75,7 +39,7 @@ def mask_in_bucket(bucket, r2, key) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(data["Body"].read())))
 
 
-def test_predict_end_to_end_writes_mask_and_row(server, r2, supabase, bucket):
+def test_predict_end_to_end_writes_mask_and_row(stack_server, r2, supabase, bucket):
     task_id, user_id = new_task_row(supabase)
     request = {
         "image_url": f"r2://{r2['R2_BUCKET']}/images/in.jpg",
@@ -84,7 +48,7 @@ def test_predict_end_to_end_writes_mask_and_row(server, r2, supabase, bucket):
         "task_id": task_id,
         "threshold": 0.3,
     }
-    response = predict(server, request)
+    response = predict(stack_server, request)
     assert response.status_code == 200, response.text
     result = response.json()
     mask = mask_in_bucket(bucket, r2, result["mask_key"])
@@ -97,11 +61,11 @@ def test_predict_end_to_end_writes_mask_and_row(server, r2, supabase, bucket):
     assert row["result"]["results"][0]["num_instances"] == result["num_instances"]
 
 
-def test_batch_end_to_end(server, r2, supabase, bucket):
+def test_batch_end_to_end(stack_server, r2, supabase, bucket):
     task_id, user_id = new_task_row(supabase)
     url = f"{r2['R2_ENDPOINT_URL']}/{r2['R2_BUCKET']}/images/in.jpg"
     response = predict(
-        server,
+        stack_server,
         {
             "image_url": url,
             "prompts": ["car", "road"],
@@ -120,10 +84,10 @@ def test_batch_end_to_end(server, r2, supabase, bucket):
     assert row["status"] == "completed" and len(row["labels"]) == 4
 
 
-def test_same_task_twice_is_idempotent(server, r2, supabase, bucket):
+def test_same_task_twice_is_idempotent(stack_server, r2, supabase, bucket):
     task_id, user_id = new_task_row(supabase)
     request = {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id}
-    first, second = predict(server, request).json(), predict(server, request).json()
+    first, second = predict(stack_server, request).json(), predict(stack_server, request).json()
     assert first["mask_key"] == second["mask_key"] and first["instances"] == second["instances"]
     assert task_row(supabase, task_id)["status"] == "completed"
 
@@ -136,17 +100,21 @@ def test_same_task_twice_is_idempotent(server, r2, supabase, bucket):
         ("r2://another-bucket/images/in.jpg", 400, "unsupported_image_url"),
     ],
 )
-def test_failures_mark_the_row_failed(server, supabase, image_url, status, code):
+def test_failures_mark_the_row_failed(stack_server, supabase, image_url, status, code):
     task_id, user_id = new_task_row(supabase)
-    response = predict(server, {"image_url": image_url, "text_prompt": "car", "user_id": user_id, "task_id": task_id})
+    response = predict(
+        stack_server, {"image_url": image_url, "text_prompt": "car", "user_id": user_id, "task_id": task_id}
+    )
     assert response.status_code == status and response.json()["error"]["code"] == code
     row = task_row(supabase, task_id)
     assert row["status"] == "failed" and row["error_message"].startswith(code)
 
 
-def test_missing_row_is_reported_and_nothing_is_processed(server, r2, bucket):
+def test_missing_row_is_reported_and_nothing_is_processed(stack_server, r2, bucket):
     task_id = str(uuid.uuid4())
-    response = predict(server, {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": "u", "task_id": task_id})
+    response = predict(
+        stack_server, {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": "u", "task_id": task_id}
+    )
     assert response.status_code == 404 and response.json()["error"]["code"] == "task_not_found"
     with pytest.raises(ClientError):
         bucket.head_object(Bucket=r2["R2_BUCKET"], Key=f"masks/u/{task_id}.png")
@@ -193,12 +161,12 @@ class ConnectionTrap:
         "gopher://127.0.0.1:{port}/",
     ],
 )
-def test_ssrf_urls_are_refused_before_any_request(server, r2, supabase, template):
+def test_ssrf_urls_are_refused_before_any_request(stack_server, r2, supabase, template):
     trap = ConnectionTrap()
     try:
         task_id, user_id = new_task_row(supabase)
         url = template.format(port=trap.port, bucket=r2["R2_BUCKET"])
-        response = predict(server, {"image_url": url, "text_prompt": "x", "user_id": user_id, "task_id": task_id})
+        response = predict(stack_server, {"image_url": url, "text_prompt": "x", "user_id": user_id, "task_id": task_id})
         assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_image_url"
         time.sleep(0.3)
         assert trap.connections == 0
