@@ -334,3 +334,13 @@ def test_shutdown_with_requests_in_flight_leaves_no_row_processing(r2, supabase,
     for response, status in zip(responses, statuses, strict=True):
         if isinstance(response, httpx.Response) and response.status_code == 200:
             assert status == "completed"
+
+    restarted = ServedBento(env, tmp_path / "serve-again.log").start()
+    try:
+        task_id, user_id = new_task_row(supabase)
+        response = predict(
+            restarted, {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id}
+        )
+        assert response.status_code == 200 and task_row(supabase, task_id)["status"] == "completed"
+    finally:
+        restarted.stop()

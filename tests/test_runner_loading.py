@@ -132,3 +132,19 @@ def test_unreachable_hub_repo_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="Hugging Face repo facebook/sam3"):
         load_model("facebook/sam3", device="cpu")
+
+
+def test_hub_repo_loads_offline_from_a_filled_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """The hub path honours the Hugging Face cache: once downloaded, `facebook/sam3` loads with no network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "hub" / "models--facebook--sam3"
+    snapshot = repo_cache / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tiny_model_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("facebook/sam3", device="cpu", hf_token="hf_not_needed_offline")
+    assert loaded.kind == "hub" and loaded.source == "facebook/sam3" and not loaded.random_weights

@@ -85,3 +85,27 @@ def test_a_job_that_fails_alone_gets_an_error_and_the_rest_succeed(segmenter, mo
 def test_a_bad_weights_path_fails_the_start():
     with pytest.raises(WeightsError, match="does not exist"):
         Segmenter(Settings(sam3_weights_path="/nowhere/sam3", _env_file=None))
+
+
+def test_not_ready_until_the_weights_are_loaded(monkeypatch):
+    """The model service answers (and says `loading`) while the weights load in the background."""
+    import threading
+
+    import backend.segmenter as segmenter_module
+    from sam3_runner import load_model
+
+    release = threading.Event()
+
+    def slow_load(*args, **kwargs):
+        release.wait(30)
+        return load_model("demo", device="cpu")
+
+    monkeypatch.setattr(segmenter_module, "load_model", slow_load)
+    segmenter = Segmenter(Settings(sam3_weights_path="demo", sam3_device="cpu", _env_file=None))
+    assert not segmenter.ready and segmenter.status()["state"] == "loading"
+    assert segmenter.segment(items(1))[0]["error"]["code"] == "model_loading"
+    release.set()
+    deadline = time.monotonic() + 30
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segmenter.status()["state"] == "ready" and segmenter.segment(items(1))[0]["ok"]
