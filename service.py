@@ -65,7 +65,7 @@ async def _unexpected(request: Request, exc: Exception):
     name="sam3-model",
     resources={"gpu": 1},
     workers=1,
-    traffic={"timeout": settings.request_timeout_s},
+    traffic={"timeout": settings.model_timeout_s},
     # BentoML's internal client recycles connections in use (bentoml#5540): never recycle them.
     runner_connection={"max_requests": 10**9, "max_age": 10.0**9},
 )

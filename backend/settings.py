@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=2, le=128)
     max_latency_ms: int = Field(30_000, ge=10)
     max_pairs_per_forward: int = Field(64, ge=1)
+    # Longest a call to the model service may take. BentoML's client keeps each call's timer (and with it the
+    # request's context) alive for this long, so memory under load plateaus at about rate x timeout (bench/soak.py).
+    model_timeout_s: int = Field(60, ge=1)
 
     # R2 (S3 API). With no endpoint and bucket, masks and images live under LOCAL_STORAGE_DIR.
     r2_endpoint: str | None = None
