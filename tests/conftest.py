@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 from served import ServedBento
 from stack import STACK_API_KEY, r2_settings, running, s3_client, supabase_settings
 
+from backend.segmenter import Segmenter
+from backend.settings import Settings
 from sam3_runner import Sam3Engine, load_model
 from sam3_runner.demo import build_demo_model
 
@@ -42,6 +45,17 @@ def encode(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def segmenter():
+    """The model service's worker with the demo model, loaded (in this process)."""
+    segmenter = Segmenter(Settings(sam3_weights_path="demo", sam3_device="cpu", _env_file=None))
+    deadline = time.monotonic() + 60
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segmenter.ready
+    return segmenter
 
 
 @pytest.fixture(scope="session")

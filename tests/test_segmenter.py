@@ -15,16 +15,6 @@ from backend.settings import Settings
 from sam3_runner import BoxPrompt, Prompt, WeightsError
 
 
-@pytest.fixture(scope="module")
-def segmenter():
-    segmenter = Segmenter(Settings(sam3_weights_path="demo", sam3_device="cpu", _env_file=None))
-    deadline = time.monotonic() + 60
-    while not segmenter.ready and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert segmenter.ready
-    return segmenter
-
-
 def items(count: int) -> list[dict]:
     rng = np.random.default_rng(count)
     return [

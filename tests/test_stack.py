@@ -21,8 +21,6 @@ from stack import STACK_API_KEY, new_task_row, running, s3_client, task_row
 from backend.api_models import PredictRequest
 from backend.errors import ApiError
 from backend.pipeline import Limits, PredictPipeline
-from backend.segmenter import Segmenter
-from backend.settings import Settings
 from storage import R2Storage, StorageUnavailable
 from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult
 
@@ -205,13 +203,6 @@ def test_table_without_result_column_still_completes(supabase):
 
 
 # In-process pipeline against real servers: the same modules the gateway uses, with one server broken.
-@pytest.fixture(scope="module")
-def segmenter():
-    segmenter = Segmenter(Settings(sam3_weights_path="demo", sam3_device="cpu", _env_file=None))
-    deadline = time.monotonic() + 60
-    while not segmenter.ready and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return segmenter
 
 
 def pipeline_for(r2_env, supabase_env, segmenter, secret=None):
