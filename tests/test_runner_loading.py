@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from transformers import Sam3Config, Sam3Model
 from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
 from sam3_runner.meta_checkpoint import convert_shape, plan_key
 
+ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "sam3_meta_image_model_state_dict.json"
 
 
@@ -134,8 +138,11 @@ def test_unreachable_hub_repo_fails_clearly(monkeypatch, tmp_path):
         load_model("facebook/sam3", device="cpu")
 
 
-def test_hub_repo_loads_offline_from_a_filled_cache(tiny_model_dir, tmp_path, monkeypatch):
-    """The hub path honours the Hugging Face cache: once downloaded, `facebook/sam3` loads with no network."""
+def test_hub_repo_loads_offline_from_a_filled_cache(tiny_model_dir, tmp_path):
+    """The hub path honours the Hugging Face cache: once downloaded, `facebook/sam3` loads with no network.
+
+    Runs in a fresh interpreter because huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE when imported.
+    """
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo_cache = tmp_path / "hub" / "models--facebook--sam3"
     snapshot = repo_cache / "snapshots" / commit
@@ -144,7 +151,14 @@ def test_hub_repo_loads_offline_from_a_filled_cache(tiny_model_dir, tmp_path, mo
         (snapshot / file.name).write_bytes(file.read_bytes())
     (repo_cache / "refs").mkdir()
     (repo_cache / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    loaded = load_model("facebook/sam3", device="cpu", hf_token="hf_not_needed_offline")
-    assert loaded.kind == "hub" and loaded.source == "facebook/sam3" and not loaded.random_weights
+    script = (
+        "from sam3_runner import load_model\n"
+        "loaded = load_model('facebook/sam3', device='cpu', hf_token='hf_not_needed_offline')\n"
+        "print(loaded.kind, loaded.source, loaded.random_weights)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["hub", "facebook/sam3", "False"]
