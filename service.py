@@ -12,6 +12,7 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from backend import redaction
 from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
@@ -163,6 +164,15 @@ class Gateway:
         except Exception as exc:  # the model service is down or restarting
             log.warning("model status unavailable: %s", type(exc).__name__)
             return {"state": "unavailable", "model_loaded": False, "gpu_available": False}
+
+
+@api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def _unknown_route(request: Request, path: str):
+    """Declared last: BentoML's probes and metrics match before the mounted app, so only paths nobody serves
+    (or served with another method) land here and get the contract's error shape, not a plain-text 404."""
+    if any(route.matches(request.scope)[0] == Match.PARTIAL for route in api.routes[:-1]):
+        raise ApiError(405, "method_not_allowed", f"{request.method} is not allowed on /{path}")
+    raise ApiError(404, "not_found", f"no route /{path}")
 
 
 Gateway.add_asgi_middleware(ApiKeyMiddleware, api_key=API_KEY)

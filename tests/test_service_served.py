@@ -292,3 +292,10 @@ def test_png_mask_is_a_real_png(server, storage_dir, image_key):
     result = post(server, "/api/v1/predict", body(image_key)).json()
     data = (storage_dir / result["mask_key"]).read_bytes()
     assert data.startswith(b"\x89PNG") and Image.open(io.BytesIO(data)).size == (200, 120)
+
+
+def test_unknown_routes_and_methods_get_the_error_shape(server):
+    missing = httpx.get(f"{server.url}/no/such/route", headers=HEADERS)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong_method = httpx.delete(f"{server.url}/api/v1/predict", headers=HEADERS)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
