@@ -277,3 +277,48 @@ def test_presigned_mask_url_serves_the_png(r2):
     assert response.status_code == 200 and response.content == png
     assert response.headers["content-type"] == "image/png"
     assert httpx.get(stored.url.replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403
+
+
+def test_r2_stopped_mid_run_leaves_every_row_completed_or_failed(supabase, segmenter, tmp_path):
+    from stack import stop
+
+    workdir = tmp_path / "r2-mid-run"
+    with running("s3_server.sh", workdir) as dying_r2:
+        s3_client(dying_r2).put_object(
+            Bucket=dying_r2["R2_BUCKET"],
+            Key="images/in.jpg",
+            Body=encode(random_image(np.random.default_rng(2), 60, 80), "JPEG"),
+        )
+        rows = [new_task_row(supabase) for _ in range(24)]
+
+        async def run_all():
+            pipeline = pipeline_for(dying_r2, supabase, segmenter)
+            requests = [
+                PredictRequest(image_url="images/in.jpg", text_prompt="car", user_id=user_id, task_id=task_id)
+                for task_id, user_id in rows
+            ]
+
+            async def one(request, delay):
+                await asyncio.sleep(delay)
+                return await pipeline.predict(request)
+
+            async def stop_r2_mid_run():
+                await asyncio.sleep(0.4)
+                await asyncio.to_thread(stop, "s3_server.sh", workdir)
+
+            outcomes = asyncio.gather(*(one(r, 0.05 * i) for i, r in enumerate(requests)), return_exceptions=True)
+            results, _ = await asyncio.gather(outcomes, stop_r2_mid_run())
+            return results
+
+        results = asyncio.run(run_all())
+    succeeded = [r for r in results if isinstance(r, dict)]
+    failed = [r for r in results if isinstance(r, ApiError)]
+    assert succeeded and failed, "R2 must stop while requests are still arriving"
+    assert len(succeeded) + len(failed) == len(rows)
+    assert {error.code for error in failed} <= {"storage_unavailable", "storage_timeout"}
+    for (task_id, _), result in zip(rows, results, strict=True):
+        row = task_row(supabase, task_id)
+        if isinstance(result, dict):
+            assert row["status"] == "completed" and row["mask_url"] == result["mask_url"]
+        else:
+            assert row["status"] == "failed" and row["mask_url"] is None
