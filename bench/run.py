@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sam3_runner import Job, Prompt, Sam3Engine, decode_image  # noqa: E402
 from sam3_runner.demo import DEMO_PRESENCE_LOGIT, build_demo_model, demo_tokenizer  # noqa: E402
-from sam3_runner.loading import LoadedModel  # noqa: E402
+from sam3_runner.loading import LoadedModel, resolve_device  # noqa: E402
 
 PROMPTS_32 = [f"object number {i}" for i in range(32)]
 
@@ -192,11 +192,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
 
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     bf16 = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()

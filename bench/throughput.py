@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.run import build, peak_memory_gb, reset_peak, smooth_masks, synthetic_jpeg, timed  # noqa: E402
 from sam3_runner import Job, Prompt, Sam3Engine, decode_image  # noqa: E402
-from sam3_runner.loading import LoadedModel  # noqa: E402
+from sam3_runner.loading import LoadedModel, resolve_device  # noqa: E402
 
 DECODE_THREADS = 4  # as backend/segmenter.py
 
@@ -33,11 +33,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor = build(args.tiny, device, dtype)
