@@ -64,8 +64,8 @@ async def _unexpected(request: Request, exc: Exception):
 
 @bentoml.service(
     name="sam3-model",
-    resources={"gpu": 1},
-    workers=1,
+    resources={"gpu": settings.model_workers},
+    workers=settings.model_workers,
     traffic={"timeout": settings.model_timeout_s},
     # BentoML's internal client recycles connections in use (bentoml#5540): never recycle them.
     runner_connection={"max_requests": 10**9, "max_age": 10.0**9},
@@ -74,7 +74,7 @@ class Sam3Model:
     """Owns the GPU. Loads SAM 3 in the background: /livez answers at once, /readyz says 503 until loaded."""
 
     def __init__(self) -> None:
-        self.segmenter = Segmenter(settings)
+        self.segmenter = Segmenter(settings, worker_index=bentoml.server_context.worker_index or 1)
 
     def __is_ready__(self) -> bool:
         return self.segmenter.ready

@@ -31,9 +31,10 @@ DECODE_THREADS = 4
 
 
 class Segmenter:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker_index: int = 1) -> None:
         check_weights_reference(settings.sam3_weights_path)  # a bad path fails the start, with how to fix it
         self._settings = settings
+        self._device = worker_device(settings.sam3_device, worker_index)
         self._engine: Sam3Engine | None = None
         self._load_error: str | None = None
         self._batches = 0
@@ -109,7 +110,7 @@ class Segmenter:
         try:
             loaded = load_model(
                 settings.sam3_weights_path,
-                device=settings.sam3_device,
+                device=self._device,
                 dtype=settings.sam3_dtype,
                 hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
             )
@@ -120,6 +121,14 @@ class Segmenter:
         except Exception as exc:  # anything else while loading must still leave a readable state
             self._load_error = f"{type(exc).__name__}: {exc}"
             log.exception("SAM 3 could not be loaded")
+
+
+def worker_device(requested: str, worker_index: int) -> str:
+    """With SAM3_DEVICE=auto and several visible GPUs, worker N (1-based) takes GPU N-1, so one model service
+    with `workers` = GPU count puts one model on each GPU."""
+    if requested.lower() != "auto" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return requested
+    return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
 def _timed_decode(item: dict) -> tuple[DecodedImage | None, float, dict | None]:

@@ -99,3 +99,15 @@ def test_not_ready_until_the_weights_are_loaded(monkeypatch):
     while not segmenter.ready and time.monotonic() < deadline:
         time.sleep(0.05)
     assert segmenter.status()["state"] == "ready" and segmenter.segment(items(1))[0]["ok"]
+
+
+def test_each_worker_takes_its_own_gpu_when_several_are_visible(monkeypatch):
+    from backend.segmenter import worker_device
+
+    assert worker_device("auto", 3) == "auto"  # no GPU here: the loader decides (CPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [worker_device("auto", index) for index in (1, 2, 4, 5)] == ["cuda:0", "cuda:1", "cuda:3", "cuda:0"]
+    assert worker_device("cuda:2", 1) == "cuda:2"  # an explicit device wins
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_device("auto", 1) == "auto"
