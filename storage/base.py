@@ -20,6 +20,3 @@ class ObjectStore(Protocol):
     def get_image(self, key: str, max_bytes: int) -> bytes: ...
 
     def put_png(self, key: str, data: bytes) -> StoredObject: ...
-
-    def check(self) -> None:
-        """Raise a StorageError when the store cannot be used (for health)."""

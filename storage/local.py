@@ -55,7 +55,3 @@ class LocalStorage:
 
     def url_for(self, key: str) -> str:
         return f"{self.public_base_url}/{key}" if self.public_base_url else self.path_for(key).as_uri()
-
-    def check(self) -> None:
-        if not os.access(self.root, os.W_OK):
-            raise StorageUnavailable(f"local storage root {self.root} is not writable")

@@ -87,10 +87,6 @@ class R2Storage:
             )
         return f"{self.endpoint_url}/{self.bucket}/{key}"
 
-    def check(self) -> None:
-        with _translated_errors(""):
-            self._client.head_bucket(Bucket=self.bucket)
-
 
 class _translated_errors:
     """boto3's exceptions -> storage errors whose messages are safe to return."""

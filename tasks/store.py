@@ -38,8 +38,6 @@ class TaskStore(Protocol):
 
     async def mark_failed(self, task_id: str, message: str) -> None: ...
 
-    async def check(self) -> None: ...
-
 
 class DisabledTaskStore:
     """No Supabase configured (the embedded default): nothing is recorded, as announced at startup."""
@@ -53,9 +51,6 @@ class DisabledTaskStore:
         return None
 
     async def mark_failed(self, task_id: str, message: str) -> None:
-        return None
-
-    async def check(self) -> None:
         return None
 
 
@@ -94,10 +89,6 @@ class SupabaseTaskStore:
 
     async def mark_failed(self, task_id: str, message: str) -> None:
         await self._update(task_id, {"status": FAILED, "error_message": message[:2000]})
-
-    async def check(self) -> None:
-        client = await self._get_client()
-        await self._call(client.table(self._table).select("id").limit(1).execute())
 
     async def _update(self, task_id: str, values: dict) -> None:
         client = await self._get_client()

@@ -235,7 +235,9 @@ def test_wrong_r2_secret_is_a_clear_error_and_a_failed_row(r2, supabase, bucket,
     assert "SignatureDoesNotMatch" in error.value.message
     assert task_row(supabase, task_id)["status"] == "failed"
     with pytest.raises(StorageUnavailable):
-        R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], "wrong").check()
+        R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], "wrong").get_image(
+            "images/in.jpg", 10**6
+        )
 
 
 def test_r2_down_fails_the_row(supabase, segmenter, tmp_path):
