@@ -70,7 +70,8 @@ def test_generated_requests_never_get_a_5xx_and_every_4xx_has_the_error_shape(st
         "--request-timeout",
         "60",
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # run from tmp_path: schemathesis writes a .schemathesis/ cache into its working directory
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     entries = json.loads(har.read_text())["log"]["entries"]
     statuses = [entry["response"]["status"] for entry in entries]
