@@ -67,6 +67,8 @@ def test_generated_requests_never_get_a_5xx_and_every_4xx_has_the_error_shape(st
         "--report-har-path",
         str(har),
         "--no-color",
+        "--max-time",
+        "90",
         "--request-timeout",
         "60",
     ]
