@@ -6,25 +6,48 @@ detector/mask-head call for every (image, prompt) pair, with the image features 
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
+from sam3_runner.acceleration import (
+    CompileOptions,
+    bucket_for,
+    compiled_heads,
+    compiled_vision,
+    learn_decoder_grid,
+    mark_graph_step,
+    pair_buckets,
+    pin_decoder_grid,
+)
 from sam3_runner.loading import LoadedModel
 from sam3_runner.postprocess import build_instances, scale_boxes, select_queries, upsample_masks
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.types import Job, Prompt, PromptResult
 
+log = logging.getLogger(__name__)
+
 TEXT_LENGTH = 32  # the processor's fixed text length; CLIP's context in SAM 3
 PADDING_BOX_LABEL = -10
+WARM_UP_IMAGE = np.zeros((64, 64, 3), dtype=np.uint8)
+GRAPH_RECORD_CALLS = 3  # compile, warm up, record: after these a bucket replays its CUDA graph
 
 
 class Sam3Engine:
-    def __init__(self, loaded: LoadedModel, text_cache_size: int = 1024, max_pairs_per_forward: int = 64) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        text_cache_size: int = 1024,
+        max_pairs_per_forward: int = 64,
+        compile_options: CompileOptions | None = None,
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -32,35 +55,80 @@ class Sam3Engine:
         self.dtype = loaded.dtype
         self.max_pairs_per_forward = max_pairs_per_forward
         self.text_cache = TextEmbeddingCache(self._encode_texts, text_cache_size)
-        self._lock = threading.Lock()  # one batch at a time on the device
+        # All device work runs on this one thread: one batch at a time, and the CUDA graphs that torch.compile
+        # records belong to the thread that recorded them.
+        self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="sam3-device")
+        self._vision: Callable = self.model.vision_encoder
+        self._graphed_heads: Callable | None = None
+        self._pair_buckets = pair_buckets(max_pairs_per_forward)
+        self.acceleration: dict = {"compile": "off", "warm_up_s": 0.0}
+        self._on_device_thread(self._warm_up, compile_options or CompileOptions())
 
     def run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
         """Segment every prompt of every job; results come back per job, per prompt, in order."""
         if not jobs:
             return []
-        with self._lock, torch.inference_mode():
-            return self._run(jobs)
+        return self._on_device_thread(self._run, jobs)
+
+    def _on_device_thread(self, work: Callable, *args):
+        def in_inference_mode():
+            with torch.inference_mode():
+                return work(*args)
+
+        return self._device_thread.submit(in_inference_mode).result()
+
+    def _warm_up(self, options: CompileOptions) -> None:
+        """One eager pass (it also learns the decoder's grid), then every compiled shape, before any request."""
+        started = time.perf_counter()
+        warm_up_job = Job(WARM_UP_IMAGE, [Prompt("warm up", score_threshold=1.0)])
+        pin_decoder_grid(self.model, learn_decoder_grid(self.model, lambda: self._run([warm_up_job])))
+        if options.vision or options.heads:
+            try:
+                self._compile(options)
+                self.acceleration["compile"] = options.mode
+            except Exception as exc:  # a compiler failure must cost speed, never the service
+                self._vision, self._graphed_heads = self.model.vision_encoder, None
+                self.acceleration["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("torch.compile failed; running eager: %s", exc)
+        self.text_cache.clear()
+        self.acceleration["warm_up_s"] = round(time.perf_counter() - started, 2)
+
+    def _compile(self, options: CompileOptions) -> None:
+        if options.vision:
+            self._vision = compiled_vision(self.model)
+            for batch_size in (1, 2):  # the second size makes the batch dimension dynamic: no later recompiles
+                self._run([Job(WARM_UP_IMAGE, [Prompt("warm up", score_threshold=1.0)])] * batch_size)
+        if options.heads:
+            self._graphed_heads = compiled_heads(self._heads_forward)
+            for bucket in self._pair_buckets:
+                job = Job(WARM_UP_IMAGE, [Prompt("warm up", score_threshold=1.0)] * bucket)
+                for _ in range(GRAPH_RECORD_CALLS):
+                    self._run([job])
+            self.acceleration["pair_buckets"] = list(self._pair_buckets)
 
     def _run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
         clock = _StageClock(self.device)
         pixel_values = self._preprocess(jobs)
         clock.lap("preprocess")
-        vision = self.model.get_vision_features(pixel_values=pixel_values)
+        vision = self._vision(pixel_values)
         clock.lap("vision")
 
         pairs = [(job_index, prompt) for job_index, job in enumerate(jobs) for prompt in job.prompts]
         text_features, text_mask = self.text_cache.lookup([prompt.model_text for _, prompt in pairs])
         clock.lap("text")
 
-        flat_results: list[PromptResult] = []
+        flat_results: list[PromptResult | None] = [None] * len(pairs)
         heads_ms = postprocess_ms = 0.0
-        for start in range(0, len(pairs), self.max_pairs_per_forward):
-            chunk = pairs[start : start + self.max_pairs_per_forward]
-            span = slice(start, start + len(chunk))
-            outputs = self._heads(jobs, chunk, vision, text_features[span], text_mask[span])
-            heads_ms += clock.lap("heads")
-            flat_results.extend(self._postprocess(jobs, chunk, outputs))
-            postprocess_ms += clock.lap("postprocess")
+        for group in self._head_groups(pairs):
+            for start in range(0, len(group), self.max_pairs_per_forward):
+                members = group[start : start + self.max_pairs_per_forward]
+                chunk = [pairs[index] for index in members]
+                rows = torch.tensor(members, device=self.device)
+                outputs = self._heads(jobs, chunk, vision, text_features[rows], text_mask[rows])
+                heads_ms += clock.lap("heads")
+                for index, result in zip(members, self._postprocess(jobs, chunk, outputs), strict=True):
+                    flat_results[index] = result
+                postprocess_ms += clock.lap("postprocess")
 
         timings = clock.totals()
         timings.update(heads=round(heads_ms, 3), postprocess=round(postprocess_ms, 3))
@@ -71,8 +139,17 @@ class Sam3Engine:
             results[job_index].append(result)
         return results
 
+    def _head_groups(self, pairs: list[tuple[int, Prompt]]) -> list[list[int]]:
+        """Pair indices per head call group: with graphed heads, text-only pairs (fixed shapes) apart from pairs
+        with exemplar boxes (their box count varies, so they run eager)."""
+        if self._graphed_heads is None:
+            return [list(range(len(pairs)))]
+        text_only = [index for index, (_, prompt) in enumerate(pairs) if not prompt.boxes]
+        with_boxes = [index for index, (_, prompt) in enumerate(pairs) if prompt.boxes]
+        return [group for group in (text_only, with_boxes) if group]
+
     def _preprocess(self, jobs: Sequence[Job]) -> torch.Tensor:
-        images = [torch.from_numpy(job.image).permute(2, 0, 1) for job in jobs]
+        images = [torch.as_tensor(job.image).permute(2, 0, 1) for job in jobs]
         batch = self.processor.image_processor(images=images, return_tensors="pt", device=self.device)
         return batch["pixel_values"].to(device=self.device, dtype=self.dtype, non_blocking=True)
 
@@ -84,13 +161,34 @@ class Sam3Engine:
         return features.pooler_output, tokens.attention_mask
 
     def _heads(self, jobs, pairs, vision: Sam3VisionEncoderOutput, text_features, text_mask):
-        image_index = torch.tensor([job_index for job_index, _ in pairs], device=self.device)
-        pair_vision = Sam3VisionEncoderOutput(
-            last_hidden_state=vision.last_hidden_state.index_select(0, image_index),
-            fpn_hidden_states=tuple(f.index_select(0, image_index) for f in vision.fpn_hidden_states),
-            fpn_position_encoding=tuple(p.index_select(0, image_index) for p in vision.fpn_position_encoding),
-        )
+        image_index = [job_index for job_index, _ in pairs]
         boxes, labels = self._box_tensors(jobs, pairs)
+        graphed = self._graphed_heads is not None and boxes.shape[1] == 1 and not any(p.boxes for _, p in pairs)
+        padding = bucket_for(len(pairs), self._pair_buckets) - len(pairs) if graphed else 0
+        if padding:  # repeat the last pair up to the bucket; its extra outputs are dropped below
+            image_index += [image_index[-1]] * padding
+            text_features = torch.cat([text_features, text_features[-1:].expand(padding, *text_features.shape[1:])])
+            text_mask = torch.cat([text_mask, text_mask[-1:].expand(padding, *text_mask.shape[1:])])
+            boxes = torch.cat([boxes, boxes[-1:].expand(padding, *boxes.shape[1:])])
+            labels = torch.cat([labels, labels[-1:].expand(padding, *labels.shape[1:])])
+        rows = torch.tensor(image_index, device=self.device)
+        pair_vision = Sam3VisionEncoderOutput(
+            last_hidden_state=vision.last_hidden_state.index_select(0, rows),
+            fpn_hidden_states=tuple(f.index_select(0, rows) for f in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(p.index_select(0, rows) for p in vision.fpn_position_encoding),
+        )
+        if not graphed:
+            return self._heads_forward(pair_vision, text_features, text_mask, boxes, labels)
+        mark_graph_step()
+        outputs = self._graphed_heads(pair_vision, text_features, text_mask, boxes, labels)
+        return _HeadOutputs(
+            pred_logits=outputs.pred_logits[: len(pairs)],
+            presence_logits=outputs.presence_logits[: len(pairs)],
+            pred_boxes=outputs.pred_boxes[: len(pairs)],
+            pred_masks=outputs.pred_masks[: len(pairs)],
+        )
+
+    def _heads_forward(self, pair_vision, text_features, text_mask, boxes, labels):
         return self.model(
             vision_embeds=pair_vision,
             text_embeds=BaseModelOutputWithPooling(pooler_output=text_features),
@@ -137,6 +235,16 @@ class Sam3Engine:
             instances, union = build_instances(kept.scores[span], boxes, masks)
             results.append(PromptResult(instances=instances, union_mask=union, image_size=(width, height)))
         return results
+
+
+@dataclass
+class _HeadOutputs:
+    """The head outputs post-processing reads, cut back to the real pairs of a padded bucket."""
+
+    pred_logits: torch.Tensor
+    presence_logits: torch.Tensor
+    pred_boxes: torch.Tensor
+    pred_masks: torch.Tensor
 
 
 class _StageClock:

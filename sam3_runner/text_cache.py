@@ -24,6 +24,12 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Forget every entry and the hit/miss counts (after the engine's warm-up)."""
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
     def lookup(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and masks stacked in the order of `texts`; only unseen texts are encoded, together."""
         with self._lock:

@@ -1,0 +1,118 @@
+"""Opt-in speed for the GPU: a compiled vision encoder and the detector/mask heads replayed as CUDA graphs.
+
+Why (bench/NOTES.md): in eager bf16 on an H100 the heads are launch-bound (26 ms for 0.25 TFLOP) and the vision
+encoder runs at ~4x its compute floor; torch.compile of the vision encoder alone measured 30 -> 16 ms at batch 1.
+CUDA graphs need fixed shapes, so text-only pairs are padded to power-of-two buckets and every bucket is compiled
+and recorded while the model loads, never on a request. Pairs with exemplar boxes (their box count varies) run eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Sam3Model
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("off", "vision", "heads", "all")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    vision: bool = False  # torch.compile of the vision encoder (batch size dynamic after the first two sizes)
+    heads: bool = False  # torch.compile(mode="reduce-overhead"): CUDA graphs per pair bucket on a GPU
+
+    @classmethod
+    def parse(cls, mode: str) -> CompileOptions:
+        """SAM3_COMPILE: off | vision | heads | all."""
+        mode = mode.strip().lower()
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"SAM3_COMPILE must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+        return cls(vision=mode in ("vision", "all"), heads=mode in ("heads", "all"))
+
+    @property
+    def mode(self) -> str:
+        return {(False, False): "off", (True, False): "vision", (False, True): "heads", (True, True): "all"}[
+            (self.vision, self.heads)
+        ]
+
+
+def use_compile_cache(directory: str | Path | None) -> None:
+    """Keep Inductor's compiled kernels (FX graph, AOTAutograd and Triton caches) in `directory`, so a restart
+    with the same directory skips most of the compilation. Must run before the first compilation."""
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(directory).resolve())
+
+
+def pair_buckets(max_pairs: int) -> list[int]:
+    """Powers of two up to max_pairs (and max_pairs itself): each is one compiled graph and one CUDA graph."""
+    buckets = [1]
+    while buckets[-1] * 2 < max_pairs:
+        buckets.append(buckets[-1] * 2)
+    if buckets[-1] != max_pairs:
+        buckets.append(max_pairs)
+    return buckets
+
+
+def bucket_for(count: int, buckets: list[int]) -> int:
+    return next(bucket for bucket in buckets if bucket >= count)
+
+
+def learn_decoder_grid(model: Sam3Model, forward: Callable[[], object]) -> tuple[int, int]:
+    """Run `forward` once and return the (height, width) of the feature map the DETR decoder attends to."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def capture(module, args, kwargs):
+        height, width = kwargs["spatial_shapes"][0].tolist()
+        seen["grid"] = (int(height), int(width))
+
+    handle = model.detr_decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        forward()
+    finally:
+        handle.remove()
+    return seen["grid"]
+
+
+def pin_decoder_grid(model: Sam3Model, grid: tuple[int, int]) -> None:
+    """Give the DETR decoder its coordinate grid as constants.
+
+    transformers rebuilds the grid in every decoder layer with `arange(0, size_tensor)`: the size is copied to the
+    host (one GPU sync per layer) and torch.compile breaks the heads into 10 graphs there, so CUDA graphs could only
+    cover pieces. Every image is resized to the model's input size, so the grid never changes.
+    """
+    height, width = grid
+    cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def coords(height_tensor, width_tensor, dtype: torch.dtype, device: torch.device):
+        key = (dtype, torch.device(device))
+        if key not in cache:
+            cache[key] = (
+                torch.arange(0, height, device=device, dtype=dtype) / height,
+                torch.arange(0, width, device=device, dtype=dtype) / width,
+            )
+        return cache[key]
+
+    model.detr_decoder._get_coords = coords
+
+
+def compiled_vision(model: Sam3Model) -> Callable:
+    return torch.compile(model.vision_encoder)
+
+
+def compiled_heads(heads: Callable) -> Callable:
+    """One static graph per pair bucket; on CUDA "reduce-overhead" records each as a CUDA graph."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)
+    return torch.compile(heads, mode="reduce-overhead", dynamic=False)
+
+
+def mark_graph_step() -> None:
+    """Tell the CUDA-graph runtime that the previous replay's outputs have been consumed."""
+    torch.compiler.cudagraph_mark_step_begin()

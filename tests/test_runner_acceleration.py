@@ -1,0 +1,91 @@
+"""The GPU speed paths, checked on the CPU: same answers as eager, one graph for the heads, a safe fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_image
+from runner_asserts import assert_same_result
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import sam3_runner.engine as engine_module
+from sam3_runner import BoxPrompt, Job, Prompt, Sam3Engine, load_model
+from sam3_runner.acceleration import CompileOptions, learn_decoder_grid, pair_buckets, pin_decoder_grid
+from sam3_runner.demo import DEMO_IMAGE_SIZE, build_demo_model
+
+ALL = {"score_threshold": 0.0, "max_instances": 200}
+
+
+def _heads_inputs(model, processor, pairs: int = 2) -> dict:
+    with torch.inference_mode():
+        vision = model.vision_encoder(torch.randn(pairs, 3, DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE))
+        text = processor.tokenizer(["cat"] * pairs, padding="max_length", max_length=32, return_tensors="pt")
+        features = model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
+    return {
+        "vision_embeds": vision,
+        "text_embeds": BaseModelOutputWithPooling(pooler_output=features.pooler_output),
+        "attention_mask": text.attention_mask,
+        "input_boxes": torch.zeros(pairs, 1, 4),
+        "input_boxes_labels": torch.full((pairs, 1), -10),
+    }
+
+
+def test_pinned_decoder_grid_keeps_outputs_and_makes_the_heads_one_graph():
+    """Unpinned, transformers reads the grid size back from the device in every decoder layer, which splits
+    torch.compile's graph (and so the CUDA graphs) into pieces."""
+    model, processor = build_demo_model()
+    inputs = _heads_inputs(model, processor)
+    with torch.inference_mode():
+        before = model(**inputs)
+        assert torch._dynamo.explain(model.forward)(**inputs).graph_break_count > 0
+        pin_decoder_grid(model, learn_decoder_grid(model, lambda: model(**inputs)))
+        after = model(**inputs)
+        explained = torch._dynamo.explain(model.forward)(**inputs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(after.pred_logits, before.pred_logits)
+    torch.testing.assert_close(after.pred_masks, before.pred_masks)
+
+
+def test_compile_modes_and_pair_buckets():
+    assert CompileOptions.parse("all") == CompileOptions(vision=True, heads=True)
+    assert CompileOptions.parse(" Vision ").mode == "vision"
+    with pytest.raises(ValueError, match="SAM3_COMPILE"):
+        CompileOptions.parse("fast")
+    assert pair_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert pair_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert pair_buckets(1) == [1]
+
+
+@pytest.mark.timeout(900)
+def test_compiled_engine_answers_like_the_eager_one(tiny_model_dir, rng, tmp_path, monkeypatch):
+    """Padded buckets, chunks, box prompts beside graphed text prompts and several images: same results."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
+    eager = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), max_pairs_per_forward=4)
+    options = CompileOptions.parse("all")
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    compiled = Sam3Engine(loaded, max_pairs_per_forward=4, compile_options=options)
+    assert compiled.acceleration["compile"] == "all" and "compile_error" not in compiled.acceleration
+    assert compiled.acceleration["pair_buckets"] == [1, 2, 4]
+    texts = ["cat", "dog", "a red car", "tree", "person"]  # 5 text pairs: a chunk of 4 and one of 1
+    jobs = [
+        Job(random_image(rng, 40, 60), [Prompt(text, **ALL) for text in texts[:3]]),  # 3 pairs padded to 4
+        Job(random_image(rng, 70, 30), [Prompt("cat", boxes=(BoxPrompt(2, 2, 20, 40),), **ALL), Prompt("dog", **ALL)]),
+        Job(random_image(rng, 56, 56), [Prompt(text, **ALL) for text in texts]),
+    ]
+    for got_job, want_job in zip(compiled.run(jobs), eager.run(jobs), strict=True):
+        assert len(got_job) == len(want_job)
+        for got, want in zip(got_job, want_job, strict=True):
+            assert_same_result(got, want)
+    assert any((tmp_path / "compile-cache").rglob("*")), "compiled kernels are kept in the cache directory"
+
+
+def test_a_compiler_failure_leaves_a_working_eager_engine(tiny_model_dir, rng, monkeypatch):
+    def broken(_heads):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(engine_module, "compiled_heads", broken)
+    engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), compile_options=CompileOptions(heads=True))
+    assert engine.acceleration["compile"] == "off"
+    assert "inductor exploded" in engine.acceleration["compile_error"]
+    result = engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])[0][0]
+    assert len(result.instances) == 8
