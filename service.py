@@ -142,6 +142,7 @@ class Gateway:
             "gpu_available": status["gpu_available"],
             "text_cache": status["text_cache"],
             "batching": status["batching"],
+            "acceleration": status["acceleration"],
             "storage": self.pipeline.store.name,
             "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",
         }

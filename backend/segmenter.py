@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -23,6 +24,7 @@ from sam3_runner import (
     decode_image,
     load_model,
 )
+from sam3_runner.acceleration import CompileOptions, use_compile_cache
 from sam3_runner.loading import check_weights_reference
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Segmenter:
         status["batching"] = {"batches": self._batches, "largest_batch": self._largest_batch}
         if engine:
             status["info"] = engine.loaded.info()
+            status["acceleration"] = {**engine.acceleration, "jpeg_decode": self._settings.sam3_jpeg_decode}
             status["text_cache"] = {
                 "size": len(engine.text_cache),
                 "hits": engine.text_cache.hits,
@@ -71,7 +74,8 @@ class Segmenter:
             return [failure("model_loading", "the model is still loading; retry shortly")] * len(items)
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(items))
-        decoded = list(self._decoder.map(_timed_decode, items))
+        decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else None
+        decoded = list(self._decoder.map(partial(_timed_decode, device=decode_device), items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
         for index, (item, (image, decode_ms, error)) in enumerate(zip(items, decoded, strict=True)):
@@ -114,7 +118,13 @@ class Segmenter:
                 dtype=settings.sam3_dtype,
                 hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
             )
-            self._engine = Sam3Engine(loaded, settings.text_cache_size, settings.max_pairs_per_forward)
+            use_compile_cache(settings.sam3_compile_cache_dir)
+            self._engine = Sam3Engine(
+                loaded,
+                settings.text_cache_size,
+                settings.max_pairs_per_forward,
+                CompileOptions.parse(settings.sam3_compile),
+            )
         except WeightsError as exc:
             self._load_error = str(exc)
             log.error("SAM 3 could not be loaded: %s", exc)
@@ -131,10 +141,10 @@ def worker_device(requested: str, worker_index: int) -> str:
     return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
-def _timed_decode(item: dict) -> tuple[DecodedImage | None, float, dict | None]:
+def _timed_decode(item: dict, device: torch.device | None) -> tuple[DecodedImage | None, float, dict | None]:
     started = time.perf_counter()
     try:
-        image = decode_image(item["image"], max_pixels=item["max_pixels"])
+        image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)
     except ImageTooLarge as exc:
         return None, 0.0, failure("image_too_large", str(exc))
     except ImageDecodeError as exc:

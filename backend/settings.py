@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     # Longest a call to the model service may take. BentoML's client keeps each call's timer (and with it the
     # request's context) alive for this long, so memory under load plateaus at about rate x timeout (bench/soak.py).
     model_timeout_s: int = Field(60, ge=1)
+    # GPU speed levers (bench/NOTES.md); off until the GPU benchmark shows each one wins. Compiling happens
+    # while the model loads (the service reports ready after it); its cache directory makes restarts fast.
+    sam3_compile: Literal["off", "vision", "heads", "all"] = "off"
+    sam3_compile_cache_dir: str | None = None
+    sam3_jpeg_decode: Literal["cpu", "device"] = "cpu"
 
     # R2 (S3 API). With no endpoint and bucket, masks and images live under LOCAL_STORAGE_DIR.
     r2_endpoint: str | None = None

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from conftest import encode, random_image
 from PIL import Image
 
@@ -96,3 +97,46 @@ def test_pixel_cap_refuses_before_decoding():
     huge_header = _saved(Image.new("L", (5000, 5000)))
     with pytest.raises(ImageTooLarge, match="25000000 pixels"):
         decode_image(huge_header, max_pixels=1_000_000)
+
+
+# --- JPEG decoding on the model's device (SAM3_JPEG_DECODE=device); the CPU stands in for the GPU here ---------
+
+
+def _smooth(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 3) % 256, (y * 5) % 256, ((x + y) * 2) % 256], axis=-1).astype(np.uint8)
+
+
+def test_plain_jpeg_is_decoded_on_the_device_like_pillow():
+    data = encode(_smooth(48, 64), "JPEG", quality=95)
+    on_device = decode_image(data, device="cpu")
+    assert isinstance(on_device.pixels, torch.Tensor) and tuple(on_device.pixels.shape) == (48, 64, 3)
+    by_pillow = decode_image(data).pixels
+    assert np.abs(on_device.pixels.numpy().astype(int) - by_pillow.astype(int)).mean() < 2
+
+
+def test_grey_jpeg_on_the_device_becomes_rgb():
+    pixels = decode_image(_saved(Image.new("L", (8, 8), 100), "JPEG"), device="cpu").pixels
+    assert isinstance(pixels, torch.Tensor) and tuple(pixels.shape) == (8, 8, 3)
+    assert pixels.float().mean() == pytest.approx(100, abs=2)
+
+
+def test_jpegs_the_device_path_must_not_take_go_through_pillow():
+    """EXIF rotation, CMYK and truncation keep Pillow's exact behaviour with device decoding on."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255
+    rotated = decode_image(exif_jpeg(pixels, 6), device="cpu")
+    assert (rotated.width, rotated.height) == (20, 40) and rotated.pixels[:10].mean() > 200
+    cmyk = _saved(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")
+    red, green, blue = decode_image(cmyk, device="cpu").pixels[4, 4]
+    assert red > 200 and green < 60 and blue < 60
+    with pytest.raises(ImageDecodeError):
+        decode_image(encode(_smooth(48, 64), "JPEG")[:-400], device="cpu")
+    assert isinstance(decode_image(encode(_smooth(8, 8)), device="cpu").pixels, np.ndarray)  # PNG
+
+
+def test_device_decoded_images_segment_like_host_arrays(engine):
+    on_device = decode_image(encode(_smooth(48, 64), "JPEG"), device="cpu").pixels
+    from_tensor = engine.run([Job(on_device, [Prompt("cat", score_threshold=0.0)])])[0][0]
+    from_array = engine.run([Job(on_device.numpy(), [Prompt("cat", score_threshold=0.0)])])[0][0]
+    assert [(i.score, i.rle) for i in from_tensor.instances] == [(i.score, i.rle) for i in from_array.instances]

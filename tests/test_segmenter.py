@@ -111,3 +111,18 @@ def test_each_worker_takes_its_own_gpu_when_several_are_visible(monkeypatch):
     assert worker_device("cuda:2", 1) == "cuda:2"  # an explicit device wins
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert worker_device("auto", 1) == "auto"
+
+
+def test_device_jpeg_decoding_serves_jpegs_and_everything_else():
+    settings = Settings(sam3_weights_path="demo", sam3_device="cpu", sam3_jpeg_decode="device", _env_file=None)
+    segmenter = Segmenter(settings)
+    deadline = time.monotonic() + 60
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    png = make_item(encode(random_image(np.random.default_rng(1), 30, 50)), [Prompt("cat", score_threshold=0.0)], 10**8)
+    truncated = make_item(encode(random_image(np.random.default_rng(2), 30, 50), "JPEG")[:100], [Prompt("cat")], 10**8)
+    outcomes = segmenter.segment(items(2) + [png, truncated])
+    assert [o["ok"] for o in outcomes] == [True, True, True, False]
+    assert outcomes[3]["error"]["code"] == "invalid_image"
+    assert unpack_mask(outcomes[0]["results"][0]).shape == (40, 60)
+    assert segmenter.status()["acceleration"]["jpeg_decode"] == "device"

@@ -91,6 +91,7 @@ def test_info_by_get_and_post(server):
             "max_batch_size",
         ):
             assert field in info
+        assert info["acceleration"]["compile"] == "off" and info["acceleration"]["jpeg_decode"] == "cpu"
 
 
 def test_predict_round_trip(server, storage_dir, image_key):
