@@ -80,8 +80,8 @@ def _decode_jpeg_on(device: str | torch.device, image: Image.Image, data: bytes)
     """A complete RGB or grey JPEG that needs no EXIF rotation, decoded by torchvision on `device` (nvJPEG on a
     GPU: ~20 ms of CPU per full-HD photo off the request's path, and the pixels are already where the model is).
     None for anything else, and for any JPEG the device decoder refuses: Pillow then decodes it or explains why not.
-    (torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still work in 0.26-0.29, the
-    versions this project runs, and a removal would only send every image back to Pillow.)
+    (torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they work in 0.26-0.29, the versions
+    this project runs.)
     """
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or not data.endswith(_JPEG_END):
         return None
