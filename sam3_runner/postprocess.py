@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
+from sam3_runner.rle import encode_rle
 from sam3_runner.types import Instance
 
 # Upsampling is done this many masks at a time, to bound memory at 200 full-resolution masks.
@@ -64,31 +64,6 @@ def scale_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
     limit = scale.clone()
     return torch.minimum((boxes * scale).clamp(min=0), limit)
-
-
-def encode_rle(masks: torch.Tensor) -> list[dict]:
-    """Bool masks [n, H, W] -> COCO RLE dicts with string counts (JSON-ready).
-
-    Run boundaries are found on the masks' device and only they travel to the host (a few KB per mask instead of
-    H*W bytes); pycocotools then compresses the run lengths. On a GPU with ~100 full-HD masks per prompt this
-    replaces ~200 MB of copies and the CPU pass over every pixel (bench/results).
-    """
-    count, height, width = masks.shape
-    if count == 0:
-        return []
-    column_major = masks.transpose(1, 2).reshape(count, height * width)
-    mask_index, position = (column_major[:, 1:] != column_major[:, :-1]).nonzero(as_tuple=True)
-    first_values = column_major[:, 0].cpu().numpy()
-    mask_index, position = mask_index.cpu().numpy(), position.cpu().numpy()
-    splits = np.searchsorted(mask_index, np.arange(1, count))
-    uncompressed = []
-    for first, ends in zip(first_values, np.split(position + 1, splits), strict=True):
-        counts = np.diff(np.concatenate(([0], ends, [height * width])))
-        if first:
-            counts = np.concatenate(([0], counts))  # COCO runs start with background
-        uncompressed.append({"size": [height, width], "counts": counts.tolist()})
-    encoded = mask_utils.frPyObjects(uncompressed, height, width)
-    return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in encoded]
 
 
 def build_instances(
