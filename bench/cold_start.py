@@ -4,7 +4,8 @@
     python bench/cold_start.py --tiny --device cpu      # the tiny model on the CPU: checks the script itself
 
 Each start is its own Python process (imports included), as `bentoml serve` or a container restart would be.
-The first start uses an empty SAM3_COMPILE_CACHE_DIR, the second the cache the first one left.
+With a fresh --cache the first start finds it empty and the second finds what the first left; each start is
+labelled by the state of the cache it found.
 Writes <out>/<date>-<device>-cold-start.json.
 """
 
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--compile", default="all", help="SAM3_COMPILE for the starts")
     parser.add_argument("--weights-dir", default=None, help="default: random weights saved to a temporary directory")
     parser.add_argument("--cache", default=None, help="compile cache directory (default: a fresh temporary one)")
+    parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -93,7 +95,8 @@ def main() -> None:
     cache = Path(args.cache) if args.cache else scratch / "compile-cache"
     report: dict = {"date": dt.date.today().isoformat(), "compile": args.compile, "starts": {}}
     try:
-        for label in ("empty_cache", "warm_cache"):
+        for start in range(1, args.starts + 1):
+            label = f"start_{start}_{'warm' if cache.exists() and any(cache.iterdir()) else 'empty'}_cache"
             command = [sys.executable, __file__, "--child", "--weights-dir", str(weights), "--device", args.device]
             command += ["--compile", args.compile, "--cache", str(cache)]
             spawned = time.perf_counter()
@@ -104,7 +107,7 @@ def main() -> None:
             print(f"{label}: {json.dumps(phases)}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the saved weights are gigabytes
-    report["device"] = report["starts"]["empty_cache"]["device"]
+    report["device"] = next(iter(report["starts"].values()))["device"]
     if report["device"].startswith("cuda"):
         import torch
 
