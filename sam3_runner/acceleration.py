@@ -64,29 +64,34 @@ def bucket_for(count: int, buckets: list[int]) -> int:
     return next(bucket for bucket in buckets if bucket >= count)
 
 
-def learn_decoder_grid(model: Sam3Model, forward: Callable[[], object]) -> tuple[int, int]:
-    """Run `forward` once and return the (height, width) of the feature map the DETR decoder attends to."""
+def learn_decoder_grid(model: Sam3Model, forward: Callable[[], object]) -> tuple[int, int] | None:
+    """Run `forward` once and return the (height, width) of the feature map the DETR decoder attends to
+    (None if this transformers version passes it differently: the grid then stays unpinned)."""
     seen: dict[str, tuple[int, int]] = {}
 
     def capture(module, args, kwargs):
-        height, width = kwargs["spatial_shapes"][0].tolist()
-        seen["grid"] = (int(height), int(width))
+        if isinstance(kwargs.get("spatial_shapes"), torch.Tensor):
+            height, width = kwargs["spatial_shapes"][0].tolist()
+            seen["grid"] = (int(height), int(width))
 
     handle = model.detr_decoder.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         forward()
     finally:
         handle.remove()
-    return seen["grid"]
+    return seen.get("grid")
 
 
-def pin_decoder_grid(model: Sam3Model, grid: tuple[int, int]) -> None:
+def pin_decoder_grid(model: Sam3Model, grid: tuple[int, int] | None) -> None:
     """Give the DETR decoder its coordinate grid as constants.
 
     transformers rebuilds the grid in every decoder layer with `arange(0, size_tensor)`: the size is copied to the
     host (one GPU sync per layer) and torch.compile breaks the heads into 10 graphs there, so CUDA graphs could only
     cover pieces. Every image is resized to the model's input size, so the grid never changes.
     """
+    if grid is None:
+        log.warning("the DETR decoder's grid could not be learned; it is left as transformers builds it")
+        return
     height, width = grid
     cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
