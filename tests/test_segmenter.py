@@ -126,3 +126,27 @@ def test_device_jpeg_decoding_serves_jpegs_and_everything_else():
     assert outcomes[3]["error"]["code"] == "invalid_image"
     assert unpack_mask(outcomes[0]["results"][0]).shape == (40, 60)
     assert segmenter.status()["acceleration"]["jpeg_decode"] == "device"
+
+
+@pytest.mark.timeout(600)
+def test_compiled_heads_from_settings_serve_and_keep_their_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test; the segmenter sets it
+    cache = tmp_path / "compile-cache"
+    settings = Settings(
+        sam3_weights_path="demo",
+        sam3_device="cpu",
+        sam3_compile="heads",
+        sam3_compile_cache_dir=str(cache),
+        max_pairs_per_forward=2,
+        _env_file=None,
+    )
+    segmenter = Segmenter(settings)
+    deadline = time.monotonic() + 500
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.2)
+    acceleration = segmenter.status()["acceleration"]
+    assert acceleration["compile"] == "heads" and acceleration["pair_buckets"] == [1, 2]
+    assert "compile_error" not in acceleration
+    outcomes = segmenter.segment(items(3))
+    assert all(o["ok"] for o in outcomes) and unpack_mask(outcomes[2]["results"][0]).shape == (40, 60)
+    assert any(cache.rglob("*"))
