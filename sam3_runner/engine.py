@@ -80,8 +80,7 @@ class Sam3Engine:
     def _warm_up(self, options: CompileOptions) -> None:
         """One eager pass (it also learns the decoder's grid), then every compiled shape, before any request."""
         started = time.perf_counter()
-        warm_up_job = Job(WARM_UP_IMAGE, [Prompt("warm up", score_threshold=1.0)])
-        pin_decoder_grid(self.model, learn_decoder_grid(self.model, lambda: self._run([warm_up_job])))
+        pin_decoder_grid(self.model, learn_decoder_grid(self.model, lambda: self._run(_warm_up_jobs(1, 1))))
         if options.vision or options.heads:
             try:
                 self._compile(options)
@@ -96,14 +95,13 @@ class Sam3Engine:
     def _compile(self, options: CompileOptions) -> None:
         if options.vision:
             self._vision = compiled_vision(self.model)
-            for batch_size in (1, 2):  # the second size makes the batch dimension dynamic: no later recompiles
-                self._run([Job(WARM_UP_IMAGE, [Prompt("warm up", score_threshold=1.0)])] * batch_size)
+            for images in (1, 2):  # the second size makes the batch dimension dynamic: no later recompiles
+                self._run(_warm_up_jobs(images, 1))
         if options.heads:
             self._graphed_heads = compiled_heads(self._heads_forward)
             for bucket in self._pair_buckets:
-                job = Job(WARM_UP_IMAGE, [Prompt("warm up", score_threshold=1.0)] * bucket)
                 for _ in range(GRAPH_RECORD_CALLS):
-                    self._run([job])
+                    self._run(_warm_up_jobs(1, bucket))
             self.acceleration["pair_buckets"] = list(self._pair_buckets)
 
     def _run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
@@ -163,14 +161,14 @@ class Sam3Engine:
     def _heads(self, jobs, pairs, vision: Sam3VisionEncoderOutput, text_features, text_mask):
         image_index = [job_index for job_index, _ in pairs]
         boxes, labels = self._box_tensors(jobs, pairs)
-        graphed = self._graphed_heads is not None and boxes.shape[1] == 1 and not any(p.boxes for _, p in pairs)
+        graphed = self._graphed_heads is not None and not any(prompt.boxes for _, prompt in pairs)
         padding = bucket_for(len(pairs), self._pair_buckets) - len(pairs) if graphed else 0
         if padding:  # repeat the last pair up to the bucket; its extra outputs are dropped below
             image_index += [image_index[-1]] * padding
-            text_features = torch.cat([text_features, text_features[-1:].expand(padding, *text_features.shape[1:])])
-            text_mask = torch.cat([text_mask, text_mask[-1:].expand(padding, *text_mask.shape[1:])])
-            boxes = torch.cat([boxes, boxes[-1:].expand(padding, *boxes.shape[1:])])
-            labels = torch.cat([labels, labels[-1:].expand(padding, *labels.shape[1:])])
+            text_features, text_mask, boxes, labels = (
+                torch.cat([tensor, tensor[-1:].expand(padding, *tensor.shape[1:])])
+                for tensor in (text_features, text_mask, boxes, labels)
+            )
         rows = torch.tensor(image_index, device=self.device)
         pair_vision = Sam3VisionEncoderOutput(
             last_hidden_state=vision.last_hidden_state.index_select(0, rows),
@@ -235,6 +233,12 @@ class Sam3Engine:
             instances, union = build_instances(kept.scores[span], boxes, masks)
             results.append(PromptResult(instances=instances, union_mask=union, image_size=(width, height)))
         return results
+
+
+def _warm_up_jobs(images: int, prompts_per_image: int) -> list[Job]:
+    """Blank images with prompts nothing passes (threshold 1): every device path runs, nothing is post-processed."""
+    prompts = [Prompt("warm up", score_threshold=1.0)] * prompts_per_image
+    return [Job(WARM_UP_IMAGE, prompts) for _ in range(images)]
 
 
 @dataclass
