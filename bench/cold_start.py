@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
     """One start: import, load from disk, warm up (compiling if asked), answer one request."""
     started = time.perf_counter()
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from bench.run import synthetic_jpeg
@@ -63,7 +65,6 @@ def child(args: argparse.Namespace) -> None:
 
 def save_weights(directory: Path, tiny: bool) -> None:
     """Random weights in transformers' format, as `hf download facebook/sam3` would leave them."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from bench.run import build
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="compile cache directory (default: a fresh temporary one)")
     parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -112,10 +113,7 @@ def main() -> None:
         import torch
 
         report["device"] = torch.cuda.get_device_name()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "tiny" if args.tiny else report["device"].replace(" ", "-").lower()
-    (out / f"{report['date']}-{name}-cold-start-{args.compile}.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(report, args.out, "tiny" if args.tiny else report["device"], f"cold-start-{args.compile}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from served import ServedBento  # noqa: E402
 
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.run import synthetic_jpeg  # noqa: E402
 
 API_KEY = "overhead-key-0123456789"
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="sam3-http-overhead-"))
@@ -91,10 +91,6 @@ def main() -> None:
             "between_services": p50([row["model"] - own for row, own in zip(rows, model_own, strict=True)]),
         },
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-http-overhead-{platform.machine()}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"HTTP overhead, {report['machine']}, {report['image']}; {report['requests']} sequential requests, p50 ms.",
         "",
@@ -102,7 +98,7 @@ def main() -> None:
         "| --- | --- |",
         *(f"| {name.replace('_', ' ')} | {value} |" for name, value in report["p50_ms"].items()),
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    save(report, args.out, f"http-overhead-{platform.machine()}", markdown="\n".join(lines))
     print("\n".join(lines))
 
 

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.run import PROMPTS_32, build, peak_memory_gb, reset_peak, smooth_masks, synthetic_jpeg, timed  # noqa: E402
 from sam3_runner import Job, Prompt, PromptResult, Sam3Engine, decode_image  # noqa: E402
 from sam3_runner.acceleration import CompileOptions, use_compile_cache  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--levers", default=",".join(name for name, _, _ in LEVERS))
     parser.add_argument("--compile-cache", default=None, help="SAM3_COMPILE_CACHE_DIR (default: Inductor's own)")
     parser.add_argument("--budget-s", type=float, default=480, help="start no new lever after this many seconds")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -156,9 +157,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    stem = f"{report['date']}-{'tiny' if args.tiny else name.replace(' ', '-').lower()}-levers"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report) + "\n")
+    save(report, out, "tiny" if args.tiny else name, "levers", markdown(report))
     (out / "levers-partial.json").unlink(missing_ok=True)
     print(markdown(report))
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.run import timed  # noqa: E402
 from sam3_runner.loading import resolve_device  # noqa: E402
 from sam3_runner.rle import MASKS_PER_PASS, encode_vectorised, encode_with_pycocotools  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--masks", default="100,3200")
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -56,10 +57,7 @@ def main() -> None:
         assert encode_all(encode_vectorised, masks) == encode_all(encode_with_pycocotools, masks)
         report["cases"][f"{count}_masks_1920x1080"] = case
         print(f"{count} masks: {json.dumps(case)}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-{name.replace(' ', '-').lower()}-rle"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(report, args.out, name, "rle")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 from sam3_runner import Job, Prompt, Sam3Engine, decode_image  # noqa: E402
 from sam3_runner.demo import DEMO_PRESENCE_LOGIT, build_demo_model, demo_tokenizer  # noqa: E402
 from sam3_runner.loading import LoadedModel, resolve_device  # noqa: E402
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the vision encoder")
     parser.add_argument("--smooth-masks", action="store_true", help="object-like masks (see smooth_masks)")
     parser.add_argument("--skip-fp32", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -322,10 +323,7 @@ def main() -> None:
 
 
 def write(report: dict, out: Path, device_name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-{device_name.replace(' ', '-').lower()}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report) + "\n")
+    save(report, out, device_name, markdown=markdown(report))
     print(markdown(report))
 
 

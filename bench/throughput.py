@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.run import build, peak_memory_gb, reset_peak, smooth_masks, synthetic_jpeg, timed  # noqa: E402
 from sam3_runner import Job, Prompt, Sam3Engine, decode_image  # noqa: E402
 from sam3_runner.loading import LoadedModel, resolve_device  # noqa: E402
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch-sizes", default="1,8,16,32")
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -67,10 +67,7 @@ def main() -> None:
             stats["peak_gb"] = peak_memory_gb(device)
             report["cases"][f"batch_{size}_{mode}"] = stats
             print(f"batch {size} {mode}: {stats}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-{'tiny' if args.tiny else name.replace(' ', '-').lower()}-throughput"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    save(report, args.out, "tiny" if args.tiny else name, "throughput")
 
 
 if __name__ == "__main__":
