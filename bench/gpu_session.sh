@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
-# The one device call for issue 5, prepared and run on the CPU first (bench/NOTES.md, "Next GPU session").
-#   device run, carry [".whl"], timeout_s 540:  bash bench/gpu_session.sh
-#   on the CPU, to check the script:  OUT=/tmp/gpu-session EXTRA="--tiny --device cpu" RLE_EXTRA="--device cpu --masks 20" bash bench/gpu_session.sh
-# Fastest and surest results first; each step has its own time limit, so a slow compile costs only its own step.
-# .whl/ holds the pycocotools wheel for the device's Python (see bench/NOTES.md for the download command).
+# The prepared device calls for issue 5 (bench/NOTES.md, "Next GPU session"), each run on the CPU first.
+#   bash bench/gpu_session.sh                  rle, levers, cold start: ~8 min; carry [".whl"], timeout_s 540
+#   bash bench/gpu_session.sh http             the served Bento on the GPU: ~4 min; carry [".whl", ".whl-serve"]
+#   on the CPU:  OUT=/tmp/gpu-session EXTRA="--tiny --device cpu" RLE_EXTRA="--device cpu --masks 20" \
+#                HTTP_EXTRA="--weights demo --device cpu" bash bench/gpu_session.sh rle levers cold http
+# Surest results first; each step has its own time limit, so a slow compile costs only its own step.
+# .whl/ (pycocotools) and .whl-serve/ (the serving stack) come from scripts/device-wheels.py.
 set -uo pipefail
-if ! python3 -c "import pycocotools" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+install_wheels() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl \
     && export PYTHONPATH=/tmp/site
-fi
+}
+python3 -c "import pycocotools" 2>/dev/null || install_wheels .whl
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/results}
 EXTRA=${EXTRA:-}
 RLE_EXTRA=${RLE_EXTRA:-}
-mkdir -p "$OUT"
+HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto}
 CACHE=/tmp/sam3-compile-cache
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-timeout 60 python3 bench/rle.py $RLE_EXTRA --out "$OUT" 2>&1 | tail -5
-timeout 300 python3 bench/levers.py $EXTRA --budget-s 220 --compile-cache "$CACHE" --out "$OUT" 2>&1 \
-  | grep -v -E "^[WI][0-9]{4} " | tee "$OUT/levers.log" | cut -c1-400
-timeout 120 python3 bench/cold_start.py $EXTRA --compile all --cache "$CACHE" --starts 1 --out "$OUT" 2>&1 | tail -3
+for step in ${*:-rle levers cold}; do
+  echo "=== $step"
+  case $step in
+    rle) timeout 60 python3 bench/rle.py $RLE_EXTRA --out "$OUT" 2>&1 | tail -5 ;;
+    levers)
+      timeout 300 python3 bench/levers.py $EXTRA --budget-s 220 --compile-cache "$CACHE" --out "$OUT" 2>&1 \
+        | grep -v -E "^[WI][0-9]{4} " | tee "$OUT/levers.log" | cut -c1-400 ;;
+    cold) timeout 120 python3 bench/cold_start.py $EXTRA --compile all --cache "$CACHE" --starts 1 --out "$OUT" 2>&1 \
+      | tail -3 ;;
+    http)
+      python3 -c "import bentoml" 2>/dev/null || install_wheels .whl-serve
+      timeout 300 python3 bench/http_overhead.py $HTTP_EXTRA --concurrency 32 --seconds 30 --out "$OUT" 2>&1 \
+        | tail -20 ;;
+    *) echo "unknown step $step (rle, levers, cold, http)" ;;
+  esac
+done
 ls -la "$OUT"
