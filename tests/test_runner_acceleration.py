@@ -89,3 +89,10 @@ def test_a_compiler_failure_leaves_a_working_eager_engine(tiny_model_dir, rng, m
     assert "inductor exploded" in engine.acceleration["compile_error"]
     result = engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])[0][0]
     assert len(result.instances) == 8
+
+
+def test_a_grid_that_cannot_be_learned_leaves_the_decoder_as_it_is():
+    model, _ = build_demo_model()
+    assert learn_decoder_grid(model, lambda: None) is None  # the decoder never ran: nothing learned
+    pin_decoder_grid(model, None)
+    assert "_get_coords" not in vars(model.detr_decoder)
