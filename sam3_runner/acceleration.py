@@ -4,6 +4,7 @@ Why (bench/NOTES.md): in eager bf16 on an H100 the heads are launch-bound (26 ms
 encoder runs at ~4x its compute floor; torch.compile of the vision encoder alone measured 30 -> 16 ms at batch 1.
 CUDA graphs need fixed shapes, so text-only pairs are padded to power-of-two buckets and every bucket is compiled
 and recorded while the model loads, never on a request. Pairs with exemplar boxes (their box count varies) run eager.
+The DETR decoder's coordinate grid is pinned in every mode (pin_decoder_grid says why).
 """
 
 from __future__ import annotations
