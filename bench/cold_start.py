@@ -42,7 +42,9 @@ def child(args: argparse.Namespace) -> None:
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     ready_to_warm = time.perf_counter()
-    engine = Sam3Engine(loaded, compile_options=CompileOptions.parse(args.compile))
+    engine = Sam3Engine(
+        loaded, max_pairs_per_forward=args.max_pairs, compile_options=CompileOptions.parse(args.compile)
+    )
     warmed = time.perf_counter()
     image = decode_image(synthetic_jpeg(1920, 1080, 1)).pixels
     engine.run([Job(image, [Prompt("car")])])
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--weights-dir", default=None, help="default: random weights saved to a temporary directory")
     parser.add_argument("--cache", default=None, help="compile cache directory (default: a fresh temporary one)")
     parser.add_argument("--starts", type=int, default=2)
+    parser.add_argument("--max-pairs", type=int, default=64, help="MAX_PAIRS_PER_FORWARD: the largest pair bucket")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
@@ -99,7 +102,7 @@ def main() -> None:
         for start in range(1, args.starts + 1):
             label = f"start_{start}_{'warm' if cache.exists() and any(cache.iterdir()) else 'empty'}_cache"
             command = [sys.executable, __file__, "--child", "--weights-dir", str(weights), "--device", args.device]
-            command += ["--compile", args.compile, "--cache", str(cache)]
+            command += ["--compile", args.compile, "--cache", str(cache), "--max-pairs", str(args.max_pairs)]
             spawned = time.perf_counter()
             finished = subprocess.run(command, capture_output=True, text=True, check=True)
             phases = json.loads(finished.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared device calls for issue 5 (bench/NOTES.md, "Next GPU session"), each run on the CPU first.
-#   bash bench/gpu_session.sh                  rle, levers, cold start: ~8 min; carry [".whl"], timeout_s 540
+#   bash bench/gpu_session.sh                  rle, levers: ~8 min; carry [".whl"], timeout_s 540
 #   bash bench/gpu_session.sh http             the served Bento on the GPU: ~4 min; carry [".whl", ".whl-serve"]
 #   on the CPU:  OUT=/tmp/gpu-session EXTRA="--tiny --device cpu" RLE_EXTRA="--device cpu --masks 20" \
 #                HTTP_EXTRA="--weights demo --device cpu" bash bench/gpu_session.sh rle levers cold http
@@ -20,15 +20,16 @@ HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto}
 CACHE=/tmp/sam3-compile-cache
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-for step in ${*:-rle levers cold}; do
+for step in ${*:-rle levers}; do
   echo "=== $step"
   case $step in
     rle) timeout 60 python3 bench/rle.py $RLE_EXTRA --out "$OUT" 2>&1 | tail -5 ;;
     levers)
-      timeout 300 python3 bench/levers.py $EXTRA --budget-s 220 --compile-cache "$CACHE" --out "$OUT" 2>&1 \
+      timeout 420 python3 bench/levers.py $EXTRA --max-pairs 16 --iterations 10 --budget-s 330 \
+        --compile-cache "$CACHE" --out "$OUT" 2>&1 \
         | grep -v -E "^[WI][0-9]{4} " | tee "$OUT/levers.log" | cut -c1-400 ;;
-    cold) timeout 120 python3 bench/cold_start.py $EXTRA --compile all --cache "$CACHE" --starts 1 --out "$OUT" 2>&1 \
-      | tail -3 ;;
+    cold) timeout 120 python3 bench/cold_start.py $EXTRA --compile all --max-pairs 16 --cache "$CACHE" --starts 1 \
+      --out "$OUT" 2>&1 | tail -3 ;;
     http)
       python3 -c "import bentoml" 2>/dev/null || install_wheels .whl-serve
       timeout 300 python3 bench/http_overhead.py $HTTP_EXTRA --concurrency 32 --seconds 30 --out "$OUT" 2>&1 \
