@@ -27,7 +27,7 @@ for step in ${*:-rle levers}; do
     levers)
       timeout 420 python3 bench/levers.py $EXTRA --max-pairs 16 --iterations 10 --budget-s 330 \
         --compile-cache "$CACHE" --out "$OUT" 2>&1 \
-        | grep -v -E "^[WI][0-9]{4} " | tee "$OUT/levers.log" | cut -c1-400 ;;
+        | grep --line-buffered -v -E "^[WI][0-9]{4} " | tee "$OUT/levers.log" | cut -c1-400 ;;
     cold) timeout 120 python3 bench/cold_start.py $EXTRA --compile all --max-pairs 16 --cache "$CACHE" --starts 1 \
       --out "$OUT" 2>&1 | tail -3 ;;
     http)
