@@ -62,13 +62,29 @@ class Sam3Engine:
         self._graphed_heads: Callable | None = None
         self._pair_buckets = pair_buckets(max_pairs_per_forward)
         self.acceleration: dict = {"compile": "off", "warm_up_s": 0.0}
+        self._serving = False  # while warming up, a compiled path's failure fails the compilation as a whole
         self._on_device_thread(self._warm_up, compile_options or CompileOptions())
+        self._serving = True
 
     def run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
         """Segment every prompt of every job; results come back per job, per prompt, in order."""
         if not jobs:
             return []
         return self._on_device_thread(self._run, jobs)
+
+    def _compiled_or_eager(self, compiled: Callable, eager: Callable, *args):
+        """A compiled path that fails at run time is dropped for good and the call made eagerly; out-of-memory
+        is not a compiler fault and goes to the caller, which splits the batch."""
+        try:
+            return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if not self._serving:
+                raise
+            log.exception("a compiled path failed; running eager from now on")
+            self._use_eager(exc)
+            return eager(*args)
 
     def _on_device_thread(self, work: Callable, *args):
         def in_inference_mode():
@@ -86,11 +102,15 @@ class Sam3Engine:
                 self._compile(options)
                 self.acceleration["compile"] = options.mode
             except Exception as exc:  # a compiler failure must cost speed, never the service
-                self._vision, self._graphed_heads = self.model.vision_encoder, None
-                self.acceleration["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("torch.compile failed; running eager: %s", exc)
+                self._use_eager(exc)
         self.text_cache.clear()
         self.acceleration["warm_up_s"] = round(time.perf_counter() - started, 2)
+
+    def _use_eager(self, error: Exception) -> None:
+        self._vision, self._graphed_heads = self.model.vision_encoder, None
+        self.acceleration["compile"] = "off"
+        self.acceleration["compile_error"] = f"{type(error).__name__}: {error}"[:500]
 
     def _compile(self, options: CompileOptions) -> None:
         if options.vision:
@@ -108,7 +128,7 @@ class Sam3Engine:
         clock = _StageClock(self.device)
         pixel_values = self._preprocess(jobs)
         clock.lap("preprocess")
-        vision = self._vision(pixel_values)
+        vision = self._compiled_or_eager(self._vision, self.model.vision_encoder, pixel_values)
         clock.lap("vision")
 
         pairs = [(job_index, prompt) for job_index, job in enumerate(jobs) for prompt in job.prompts]
@@ -178,7 +198,8 @@ class Sam3Engine:
         if not graphed:
             return self._heads_forward(pair_vision, text_features, text_mask, boxes, labels)
         mark_graph_step()
-        outputs = self._graphed_heads(pair_vision, text_features, text_mask, boxes, labels)
+        inputs = (pair_vision, text_features, text_mask, boxes, labels)
+        outputs = self._compiled_or_eager(self._graphed_heads, self._heads_forward, *inputs)
         return _HeadOutputs(
             pred_logits=outputs.pred_logits[: len(pairs)],
             presence_logits=outputs.presence_logits[: len(pairs)],

@@ -96,3 +96,43 @@ def test_a_grid_that_cannot_be_learned_leaves_the_decoder_as_it_is():
     assert learn_decoder_grid(model, lambda: None) is None  # the decoder never ran: nothing learned
     pin_decoder_grid(model, None)
     assert "_get_coords" not in vars(model.detr_decoder)
+
+
+def test_a_compiled_path_failing_at_run_time_falls_back_to_eager_for_good(tiny_model_dir, rng, monkeypatch):
+    calls = []
+
+    def heads_that_break_after_warm_up(heads):
+        def run(*args):
+            calls.append(len(calls))
+            if len(calls) > 1:  # the warm-up call (one bucket, one record call) passes
+                raise RuntimeError("CUDA graph replay failed")
+            return heads(*args)
+
+        return run
+
+    monkeypatch.setattr(engine_module, "compiled_heads", heads_that_break_after_warm_up)
+    monkeypatch.setattr(engine_module, "GRAPH_RECORD_CALLS", 1)
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    engine = Sam3Engine(loaded, max_pairs_per_forward=1, compile_options=CompileOptions(heads=True))
+    assert engine.acceleration["compile"] == "heads"
+    job = Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])
+    first, second = engine.run([job])[0][0], engine.run([job])[0][0]
+    assert len(first.instances) == len(second.instances) == 8
+    assert engine.acceleration["compile"] == "off" and "replay failed" in engine.acceleration["compile_error"]
+    assert len(calls) == 2  # the failing path was not tried again
+
+
+def test_a_compiler_failing_on_its_first_call_leaves_an_eager_engine(tiny_model_dir, rng, monkeypatch):
+    """torch.compile is lazy: most compiler errors surface on the first call, during the warm-up."""
+
+    def fails_when_called(_heads):
+        def run(*args):
+            raise RuntimeError("inductor: unsupported op")
+
+        return run
+
+    monkeypatch.setattr(engine_module, "compiled_heads", fails_when_called)
+    engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), compile_options=CompileOptions(heads=True))
+    assert engine.acceleration["compile"] == "off"
+    assert "unsupported op" in engine.acceleration["compile_error"]
+    assert len(engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])[0][0].instances) == 8
