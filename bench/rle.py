@@ -28,14 +28,28 @@ from sam3_runner.rle import MASKS_PER_PASS, encode_vectorised, encode_with_pycoc
 
 def object_like_masks(count: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    blocks = torch.randn(count, 1, 24, 24, generator=generator).to(device) * 4
-    logits = F.interpolate(blocks, size=(288, 288), mode="nearest")
-    smooth = F.interpolate(logits, size=(1080, 1920), mode="bilinear", align_corners=False)[:, 0]
-    return smooth > 0
+    chunks = []
+    for start in range(0, count, 100):  # float intermediates of 100 full-HD masks at a time
+        blocks = torch.randn(min(100, count - start), 1, 24, 24, generator=generator).to(device) * 4
+        logits = F.interpolate(blocks, size=(288, 288), mode="nearest")
+        chunks.append(F.interpolate(logits, size=(1080, 1920), mode="bilinear", align_corners=False)[:, 0] > 0)
+    return torch.cat(chunks)
 
 
-def encode_all(encode, masks: torch.Tensor) -> list[str]:
-    return [s for i in range(0, len(masks), MASKS_PER_PASS) for s in encode(masks[i : i + MASKS_PER_PASS])]
+def encode_all(encode, masks: torch.Tensor, per_pass: int = MASKS_PER_PASS) -> list[str]:
+    return [s for i in range(0, len(masks), per_pass) for s in encode(masks[i : i + per_pass])]
+
+
+def measure(masks: torch.Tensor, passes: list[int], iterations: int) -> dict:
+    sample = masks[:100].transpose(1, 2).reshape(min(100, len(masks)), -1)
+    case: dict = {"runs_per_mask": int((sample.diff(dim=1) != 0).sum()) // len(sample)}
+    case["pycocotools"] = timed(lambda: encode_all(encode_with_pycocotools, masks), masks.device, iterations)
+    for per_pass in passes:
+        case[f"vectorised_{per_pass}_per_pass"] = timed(
+            lambda per_pass=per_pass: encode_all(encode_vectorised, masks, per_pass), masks.device, iterations
+        )
+    assert encode_all(encode_vectorised, masks) == encode_all(encode_with_pycocotools, masks)
+    return case
 
 
 def main() -> None:
@@ -43,18 +57,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--masks", default="100,3200")
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--passes", default=f"{MASKS_PER_PASS},128", help="masks per pass tried for the vectorised")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report: dict = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__, "cases": {}}
     for count in map(int, args.masks.split(",")):
-        masks = object_like_masks(count, device)
-        runs = int((masks.transpose(1, 2).reshape(count, -1).diff(dim=1) != 0).sum()) // count
-        case: dict = {"runs_per_mask": runs}
-        for label, encode in (("pycocotools", encode_with_pycocotools), ("vectorised", encode_vectorised)):
-            case[label] = timed(lambda encode=encode, masks=masks: encode_all(encode, masks), device, args.iterations)
-        assert encode_all(encode_vectorised, masks) == encode_all(encode_with_pycocotools, masks)
+        case = measure(object_like_masks(count, device), [int(n) for n in args.passes.split(",")], args.iterations)
         report["cases"][f"{count}_masks_1920x1080"] = case
         print(f"{count} masks: {json.dumps(case)}", flush=True)
     save(report, args.out, name, "rle")
