@@ -110,6 +110,7 @@ class Sam3Engine:
     def _use_eager(self, error: Exception) -> None:
         self._vision, self._graphed_heads = self.model.vision_encoder, None
         self.acceleration["compile"] = "off"
+        self.acceleration.pop("pair_buckets", None)
         self.acceleration["compile_error"] = f"{type(error).__name__}: {error}"[:500]
 
     def _compile(self, options: CompileOptions) -> None:
