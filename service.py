@@ -92,7 +92,7 @@ class Sam3Model:
 
 @bentoml.service(
     name="sam3-gateway",
-    workers=1,
+    workers=settings.gateway_workers,
     traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_concurrency},
     http={
         "cors": {

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = None
     # model-service workers: one per GPU on a multi-GPU box (each loads the model on its own device)
     model_workers: int = Field(1, ge=1, le=16)
+    # gateway processes: HTTP, validation, storage and PNG work is CPU; several feed the one model queue
+    gateway_workers: int = Field(1, ge=1, le=64)
     text_cache_size: int = Field(1024, ge=0)
     max_batch_size: int = Field(16, ge=2, le=128)
     max_latency_ms: int = Field(30_000, ge=10)

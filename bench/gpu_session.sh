@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/results}
 EXTRA=${EXTRA:-}
 RLE_EXTRA=${RLE_EXTRA:-}
-HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto}
+HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto --env GATEWAY_WORKERS=4}
 CACHE=/tmp/sam3-compile-cache
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"

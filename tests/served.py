@@ -75,5 +75,11 @@ class ServedBento:
         if self._process:
             self._log.close()
 
+    def workers(self, service: str) -> int:
+        """How many worker processes of `service` (sam3-gateway, sam3-model) the server runs."""
+        command = ["ps", "-ww", "-o", "args=", "--ppid", str(self._process.pid)]
+        listing = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return sum(f"--service-name {service} " in f"{line} " for line in listing.splitlines())
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -32,6 +32,7 @@ def server(storage_dir, tmp_path_factory):
             "LOCAL_STORAGE_DIR": str(storage_dir),
             "MAX_BATCH_SIZE": "16",
             "MAX_LATENCY_MS": "60000",
+            "GATEWAY_WORKERS": "2",
         },
         tmp_path_factory.mktemp("logs") / "serve.log",
     ).start()
@@ -269,6 +270,9 @@ def test_malformed_json_is_400(server):
 
 
 def test_32_concurrent_requests_are_batched_without_errors(server, image_key):
+    """Two gateway processes feed the one model worker; its batches still form."""
+    assert (server.workers("sam3-gateway"), server.workers("sam3-model")) == (2, 1)
+
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers=HEADERS) as client:
             return await asyncio.gather(
