@@ -50,5 +50,11 @@ def unpack_mask(result: dict) -> np.ndarray:
     return np.unpackbits(bits, count=width * height).reshape(height, width).astype(bool)
 
 
+def union_of(results: list[dict]) -> dict:
+    """The union of several results' masks (one image), OR-ed in their packed form: 8x less data than bool."""
+    packed = [np.frombuffer(result["mask_bits"], dtype=np.uint8) for result in results]
+    return {"mask_bits": np.bitwise_or.reduce(packed).tobytes(), "image_size": results[0]["image_size"]}
+
+
 def box_prompts(boxes: list) -> tuple[BoxPrompt, ...]:
     return tuple(BoxPrompt(b.x1, b.y1, b.x2, b.y2, positive=b.label == "positive") for b in boxes)

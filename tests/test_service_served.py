@@ -129,7 +129,10 @@ def test_batch_round_trip(server, storage_dir, image_key):
         assert prompt_result["mask_key"] == f"masks/user-1/{request['task_id']}/{index}.png"
         assert (storage_dir / prompt_result["mask_key"]).is_file()
         assert prompt_result["num_instances"] == 3 and all(i["rle"] is None for i in prompt_result["instances"])
-    assert (storage_dir / result["mask_key"]).is_file() and result["total_inference_time_ms"] > 0
+    assert result["total_inference_time_ms"] > 0
+    per_prompt = [np.array(Image.open(storage_dir / r["mask_key"])) == 255 for r in result["results"]]
+    combined = np.array(Image.open(storage_dir / result["mask_key"])) == 255
+    assert np.array_equal(combined, np.logical_or.reduce(per_prompt))
 
 
 def test_nothing_found_is_a_success_with_zero_confidence(server, image_key):
