@@ -125,6 +125,17 @@ def naive_baseline(model, processor, image: bytes, device, dtype, iterations: in
     }
 
 
+def measure_lever(loaded, compile_mode: str, jpeg: str, args, images: dict, batch, every_query, pool) -> dict:
+    engine = Sam3Engine(
+        loaded, max_pairs_per_forward=args.max_pairs, compile_options=CompileOptions.parse(compile_mode)
+    )
+    jpeg_device = loaded.device if jpeg == "device" else None
+    entry = {"compile": compile_mode, "jpeg_decode": jpeg, "acceleration": engine.acceleration}
+    entry.update(measure(engine, jpeg_device, images, batch, args.iterations, pool))
+    entry["answers"] = engine.run([Job(decode_image(images["1008x1008"]).pixels, every_query)])[0]
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
@@ -172,20 +183,17 @@ def main() -> None:
             report["levers"][lever] = {"skipped": "time budget spent"}
             continue
         torch._dynamo.reset()  # each lever compiles for itself; from the second on, Inductor's disk cache is warm
-        engine = Sam3Engine(
-            loaded, max_pairs_per_forward=args.max_pairs, compile_options=CompileOptions.parse(compile_mode)
-        )
-        jpeg_device = device if jpeg == "device" else None
-        entry = {"compile": compile_mode, "jpeg_decode": jpeg, "acceleration": engine.acceleration}
-        entry.update(measure(engine, jpeg_device, images, batch, args.iterations, pool))
-        answers = engine.run([Job(decode_image(images["1008x1008"]).pixels, every_query)])[0]
-        if reference is None:
-            reference = answers
-        entry["vs_eager"] = compare(answers, reference)
+        try:
+            entry = measure_lever(loaded, compile_mode, jpeg, args, images, batch, every_query, pool)
+        except Exception as exc:  # one broken lever must not cost the others their numbers (one device call)
+            entry = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+        if reference is None and "answers" in entry:
+            reference = entry["answers"]
+        if "answers" in entry:
+            entry["vs_eager"] = compare(entry.pop("answers"), reference)
         report["levers"][lever] = entry
         print(f"[{time.perf_counter() - started:6.1f}s] {lever}: {json.dumps(entry)}", flush=True)
         (out / "levers-partial.json").write_text(json.dumps(report, indent=2))
-        del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report["wall_s"] = round(time.perf_counter() - started, 1)
@@ -212,8 +220,8 @@ def markdown(report: dict) -> str:
             "| | |"
         )
     for lever, entry in report["levers"].items():
-        if "skipped" in entry:
-            rows.append(f"| {lever} | {entry['skipped']} | | | | | |")
+        if "skipped" in entry or "failed" in entry:
+            rows.append(f"| {lever} | {entry.get('skipped') or 'failed: ' + entry['failed']} | | | | | |")
             continue
         batch = next(key for key in entry if key.startswith("batch_"))
         error = entry["acceleration"].get("compile_error")
