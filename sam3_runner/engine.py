@@ -75,6 +75,8 @@ class Sam3Engine:
     def _compiled_or_eager(self, compiled: Callable, eager: Callable, *args):
         """A compiled path that fails at run time is dropped for good and the call made eagerly; out-of-memory
         is not a compiler fault and goes to the caller, which splits the batch."""
+        if compiled is eager:  # not compiled: a failure is the model's own and goes to the caller as before
+            return eager(*args)
         try:
             return compiled(*args)
         except torch.OutOfMemoryError:

@@ -136,3 +136,16 @@ def test_a_compiler_failing_on_its_first_call_leaves_an_eager_engine(tiny_model_
     assert engine.acceleration["compile"] == "off"
     assert "unsupported op" in engine.acceleration["compile_error"]
     assert len(engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])[0][0].instances) == 8
+
+
+def test_without_compilation_a_model_failure_reaches_the_caller_unretried(engine, rng, monkeypatch):
+    calls = []
+
+    def broken_forward(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("vision encoder failed")
+
+    monkeypatch.setattr(engine.model.vision_encoder, "forward", broken_forward)
+    with pytest.raises(RuntimeError, match="vision encoder failed"):
+        engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])
+    assert len(calls) == 1 and "compile_error" not in engine.acceleration
