@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -25,9 +24,12 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from served import ServedBento  # noqa: E402
+
+from bench.output import DEFAULT_OUT, save  # noqa: E402
 
 API_KEY = "soak-key-0123456789"
 WRK_SCRIPT = """
@@ -137,9 +139,6 @@ def main() -> None:
         "rss_growth_pct": round(100 * (final - baseline) / baseline, 2),
         "rss_samples_mb": [round(rss, 1) for _, rss in samples],
     }
-    out = ROOT / "bench" / "results"
-    stem = f"{report['date']}-soak-{platform.machine()}-{os.cpu_count()}cores"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     summary = (
         f"Soak, {report['machine']}, {report['model']}: {args.connections} clients for {args.seconds} s, loopback.\n\n"
         "| requests | req/s | errors (non-2xx + socket) | p50 | p90 | p99 | RSS after warm-up | RSS at end | growth |\n"
@@ -148,7 +147,7 @@ def main() -> None:
         f"{report['latency']['90']} | {report['latency']['99']} | {report['rss_mb_after_warmup']} MB | "
         f"{report['rss_mb_at_end']} MB | {report['rss_growth_pct']}% |\n"
     )
-    (out / f"{stem}.md").write_text(summary)
+    save(report, DEFAULT_OUT, f"soak-{platform.machine()}-{os.cpu_count()}cores", markdown=summary.rstrip("\n"))
     print(summary)
 
 
