@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared device calls for issue 5 (bench/NOTES.md, "Next GPU session"), each run on the CPU first.
-#   bash bench/gpu_session.sh                  rle, levers: ~8 min; carry [".whl"], timeout_s 540
+#   bash bench/gpu_session.sh                  rle, postprocess, levers: ~9 min; carry [".whl"], timeout_s 560
 #   bash bench/gpu_session.sh http             the served Bento on the GPU: ~4 min; carry [".whl", ".whl-serve"]
 #   on the CPU:  OUT=/tmp/gpu-session EXTRA="--tiny --device cpu" RLE_EXTRA="--device cpu --masks 20" \
-#                HTTP_EXTRA="--weights demo --device cpu" bash bench/gpu_session.sh rle levers cold http
+#                POST_EXTRA="--device cpu --prompts 4 --instances 3" \
+#                HTTP_EXTRA="--weights demo --device cpu" bash bench/gpu_session.sh rle postprocess levers cold http
 # Surest results first; each step has its own time limit, so a slow compile costs only its own step.
 # .whl/ (pycocotools) and .whl-serve/ (the serving stack) come from scripts/device-wheels.py.
 set -uo pipefail
@@ -16,16 +17,18 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/results}
 EXTRA=${EXTRA:-}
 RLE_EXTRA=${RLE_EXTRA:-}
+POST_EXTRA=${POST_EXTRA:---instances 3,100 --iterations 3}
 HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto --env GATEWAY_WORKERS=4}
 CACHE=/tmp/sam3-compile-cache
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-for step in ${*:-rle levers}; do
+for step in ${*:-rle postprocess levers}; do
   echo "=== $step"
   case $step in
     rle) timeout 60 python3 bench/rle.py $RLE_EXTRA --out "$OUT" 2>&1 | tail -5 ;;
+    postprocess) timeout 60 python3 bench/postprocess.py $POST_EXTRA --out "$OUT" 2>&1 | tail -5 ;;
     levers)
-      timeout 420 python3 bench/levers.py $EXTRA --max-pairs 16 --iterations 10 --budget-s 330 \
+      timeout 400 python3 bench/levers.py $EXTRA --max-pairs 16 --iterations 10 --budget-s 320 \
         --compile-cache "$CACHE" --out "$OUT" 2>&1 \
         | grep --line-buffered -v -E "^[WI][0-9]{4} " | tee "$OUT/levers.log" | cut -c1-400 ;;
     cold) timeout 120 python3 bench/cold_start.py $EXTRA --compile all --max-pairs 16 --cache "$CACHE" --starts 1 \
@@ -34,7 +37,7 @@ for step in ${*:-rle levers}; do
       python3 -c "import bentoml" 2>/dev/null || install_wheels .whl-serve
       timeout 300 python3 bench/http_overhead.py $HTTP_EXTRA --concurrency 32 --seconds 30 --out "$OUT" 2>&1 \
         | tail -20 ;;
-    *) echo "unknown step $step (rle, levers, cold, http)" ;;
+    *) echo "unknown step $step (rle, postprocess, levers, cold, http)" ;;
   esac
 done
 ls -la "$OUT"

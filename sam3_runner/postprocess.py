@@ -1,4 +1,11 @@
-"""Model outputs -> kept instances, on the model's device; only the kept masks are upsampled and copied back."""
+"""Model outputs -> kept instances, on the model's device; only the kept masks are upsampled and copied back.
+
+On a GPU every kept mask of a head call is rendered in passes of MASKS_PER_GPU_PASS, across prompts: with 32
+prompts of a few instances each, per-prompt work (a resize, an RLE pass and several host syncs per prompt) would
+cost more than the pixels themselves. On the CPU one mask at a time is fastest: a full-HD mask's float
+temporaries (8 MB) stay in cache (32 prompts x 3 instances at 1080p, 2 cores: 1.13 s per prompt, 1.57 s 32 per
+pass, 0.91 s one per pass).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from sam3_runner.rle import encode_rle
+from sam3_runner.transfer import to_device
 from sam3_runner.types import Instance
 
-# Upsampling is done this many masks at a time, to bound memory at 200 full-resolution masks.
-UPSAMPLE_CHUNK = 16
+# Masks resized, encoded and OR-ed per GPU pass: bounds the float temporaries to ~270 MB at full HD.
+MASKS_PER_GPU_PASS = 32
 
 
 @dataclass
@@ -23,6 +31,12 @@ class KeptQueries:
     scores: torch.Tensor  # [N]
     boxes: torch.Tensor  # [N, 4] normalised xyxy
     mask_logits: torch.Tensor  # [N, h, w]
+
+
+@dataclass
+class RenderedPair:
+    instances: list[Instance]
+    union_mask: np.ndarray  # HxW bool
 
 
 def select_queries(
@@ -48,33 +62,75 @@ def select_queries(
     )
 
 
-def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_threshold: float) -> torch.Tensor:
-    """Low-resolution mask logits [n, h, w] -> bool masks [n, H, W] (probabilities resized, then thresholded)."""
-    if mask_logits.shape[0] == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool, device=mask_logits.device)
-    chunks = []
-    for start in range(0, mask_logits.shape[0], UPSAMPLE_CHUNK):
-        probabilities = mask_logits[start : start + UPSAMPLE_CHUNK].float().sigmoid()
-        resized = F.interpolate(probabilities[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        chunks.append(resized > mask_threshold)
-    return torch.cat(chunks)
+def masks_per_pass(device: torch.device) -> int:
+    return MASKS_PER_GPU_PASS if device.type == "cuda" else 1
 
 
-def scale_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
-    limit = scale.clone()
-    return torch.minimum((boxes * scale).clamp(min=0), limit)
+def render_pairs(
+    kept: KeptQueries, sizes: list[tuple[int, int]], mask_thresholds: list[float], per_pass: int
+) -> list[RenderedPair]:
+    """Kept queries -> each pair's instances (original-size boxes, areas, RLEs) and union mask.
 
+    sizes are (height, width) per pair. Up to per_pass consecutive masks of one size share a pass; only the
+    areas, RLE strings, scores, boxes and union masks reach the host.
+    """
+    owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
+    unions: list[torch.Tensor | None] = [None] * len(sizes)
+    areas: list[torch.Tensor] = []
+    rles: list[dict] = []
+    for start, stop in _passes([sizes[pair] for pair in owner], per_pass):
+        height, width = sizes[owner[start]]
+        thresholds = _on_device([mask_thresholds[pair] for pair in owner[start:stop]], kept.mask_logits.device)
+        masks = upsample_masks(kept.mask_logits[start:stop], height, width, thresholds)
+        areas.append(torch.count_nonzero(masks, dim=(1, 2)))
+        rles += encode_rle(masks)
+        for pair, first, last in _runs(owner, start, stop):
+            piece = masks[first - start : last - start].any(dim=0)
+            unions[pair] = piece if unions[pair] is None else unions[pair] | piece
 
-def build_instances(
-    scores: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor
-) -> tuple[list[Instance], np.ndarray]:
-    """Kept results for one prompt -> instances and their union mask, copying only kept data to the host."""
-    areas = masks.sum(dim=(1, 2)).tolist()
-    union = masks.any(dim=0) if masks.shape[0] else torch.zeros(masks.shape[1:], dtype=torch.bool, device=masks.device)
-    rles = encode_rle(masks)
+    scale = _on_device([[w, h, w, h] for h, w in (sizes[pair] for pair in owner)], kept.boxes.device).reshape(-1, 4)
+    boxes = torch.minimum((kept.boxes * scale).clamp(min=0), scale).tolist()
     instances = [
         Instance(score=float(score), box=tuple(round(float(v), 2) for v in box), area=int(area), rle=rle)
-        for score, box, area, rle in zip(scores.tolist(), boxes.tolist(), areas, rles, strict=True)
+        for score, box, area, rle in zip(
+            kept.scores.tolist(), boxes, torch.cat(areas).tolist() if areas else [], rles, strict=True
+        )
     ]
-    return instances, union.cpu().numpy()
+    rendered, offset = [], 0
+    for pair, count in enumerate(kept.counts):
+        union = unions[pair]
+        union_mask = union.cpu().numpy() if union is not None else np.zeros(sizes[pair], dtype=bool)
+        rendered.append(RenderedPair(instances=instances[offset : offset + count], union_mask=union_mask))
+        offset += count
+    return rendered
+
+
+def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_thresholds: torch.Tensor) -> torch.Tensor:
+    """Low-resolution mask logits [n, h, w] -> bool masks [n, H, W] (probabilities resized, then thresholded)."""
+    probabilities = mask_logits.float().sigmoid()
+    resized = F.interpolate(probabilities[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return resized > mask_thresholds[:, None, None]
+
+
+def _passes(mask_sizes: list[tuple[int, int]], per_pass: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most per_pass consecutive masks of one size."""
+    ranges, start = [], 0
+    for index in range(1, len(mask_sizes) + 1):
+        if index == len(mask_sizes) or index - start == per_pass or mask_sizes[index] != mask_sizes[start]:
+            ranges.append((start, index))
+            start = index
+    return ranges
+
+
+def _runs(owner: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(pair, first, last) for each pair's masks within [start, stop)."""
+    runs, first = [], start
+    for index in range(start + 1, stop + 1):
+        if index == stop or owner[index] != owner[first]:
+            runs.append((owner[first], first, index))
+            first = index
+    return runs
+
+
+def _on_device(values: list, device: torch.device) -> torch.Tensor:
+    return to_device(torch.tensor(values, dtype=torch.float32), device)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, render_pairs
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
 
 
@@ -45,3 +46,47 @@ def test_rle_dicts_carry_the_size_and_cover_every_mask():
 
 def test_no_masks_no_rle():
     assert encode_rle(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
+
+
+def _reference_pair(mask_logits, box, score, height, width, mask_threshold):
+    """One instance rendered alone, the plain way: resize its probabilities, threshold, encode on the host."""
+    probabilities = torch.nn.functional.interpolate(
+        mask_logits.float().sigmoid()[None, None], size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0]
+    mask = (probabilities > mask_threshold).numpy()
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    scaled = [min(max(v * s, 0.0), s) for v, s in zip(box.tolist(), (width, height, width, height), strict=True)]
+    return mask, (round(float(score), 4), [round(v, 2) for v in scaled], int(mask.sum()), rle["counts"].decode())
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])  # the CPU's and the GPU's
+def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
+    """Prompts of two image sizes, with their own mask thresholds, none or many instances (passes that hold
+    several prompts, prompts spread over several passes): every instance and union is what rendering that
+    instance alone gives."""
+    generator = torch.Generator().manual_seed(3)
+    counts = [0, 5, MASKS_PER_GPU_PASS + 7, 1, 0, 2]
+    sizes = [(30, 50), (30, 50), (30, 50), (41, 23), (41, 23), (30, 50)]
+    mask_thresholds = [0.5, 0.3, 0.5, 0.7, 0.5, 0.5]
+    total = sum(counts)
+    kept = KeptQueries(
+        counts=counts,
+        scores=torch.rand(total, generator=generator),
+        boxes=torch.rand(total, 4, generator=generator) * 1.2 - 0.1,  # some outside the image: clamped
+        mask_logits=torch.randn(total, 12, 12, generator=generator) * 3 - 4,  # small objects: unions differ
+    )
+    rendered = render_pairs(kept, sizes, mask_thresholds, per_pass)
+
+    assert [len(pair.instances) for pair in rendered] == counts
+    index = 0
+    for pair, (height, width), threshold in zip(rendered, sizes, mask_thresholds, strict=True):
+        union = np.zeros((height, width), dtype=bool)
+        for instance in pair.instances:
+            mask, expected = _reference_pair(
+                kept.mask_logits[index], kept.boxes[index], kept.scores[index], height, width, threshold
+            )
+            got = (round(instance.score, 4), list(instance.box), instance.area, instance.rle["counts"])
+            assert got == expected and instance.rle["size"] == [height, width]
+            union |= mask
+            index += 1
+        assert pair.union_mask.shape == (height, width) and np.array_equal(pair.union_mask, union)
