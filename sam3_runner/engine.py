@@ -6,6 +6,7 @@ detector/mask-head call for every (image, prompt) pair, with the image features 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,8 +29,9 @@ from sam3_runner.acceleration import (
     pin_decoder_grid,
 )
 from sam3_runner.loading import LoadedModel
-from sam3_runner.postprocess import build_instances, scale_boxes, select_queries, upsample_masks
+from sam3_runner.postprocess import masks_per_pass, render_pairs, select_queries
 from sam3_runner.text_cache import TextEmbeddingCache
+from sam3_runner.transfer import to_device
 from sam3_runner.types import Job, Prompt, PromptResult
 
 log = logging.getLogger(__name__)
@@ -139,20 +141,18 @@ class Sam3Engine:
         clock.lap("text")
 
         flat_results: list[PromptResult | None] = [None] * len(pairs)
-        heads_ms = postprocess_ms = 0.0
         for group in self._head_groups(pairs):
             for start in range(0, len(group), self.max_pairs_per_forward):
                 members = group[start : start + self.max_pairs_per_forward]
                 chunk = [pairs[index] for index in members]
-                rows = torch.tensor(members, device=self.device)
+                rows = to_device(torch.tensor(members), self.device)
                 outputs = self._heads(jobs, chunk, vision, text_features[rows], text_mask[rows])
-                heads_ms += clock.lap("heads")
+                clock.lap("heads")
                 for index, result in zip(members, self._postprocess(jobs, chunk, outputs), strict=True):
                     flat_results[index] = result
-                postprocess_ms += clock.lap("postprocess")
+                clock.lap("postprocess")
 
         timings = clock.totals()
-        timings.update(heads=round(heads_ms, 3), postprocess=round(postprocess_ms, 3))
         timings["total"] = round(sum(timings.values()), 3)
         results: list[list[PromptResult]] = [[] for _ in jobs]
         for (job_index, _), result in zip(pairs, flat_results, strict=True):
@@ -192,7 +192,7 @@ class Sam3Engine:
                 torch.cat([tensor, tensor[-1:].expand(padding, *tensor.shape[1:])])
                 for tensor in (text_features, text_mask, boxes, labels)
             )
-        rows = torch.tensor(image_index, device=self.device)
+        rows = to_device(torch.tensor(image_index), self.device)
         pair_vision = Sam3VisionEncoderOutput(
             last_hidden_state=vision.last_hidden_state.index_select(0, rows),
             fpn_hidden_states=tuple(f.index_select(0, rows) for f in vision.fpn_hidden_states),
@@ -238,25 +238,21 @@ class Sam3Engine:
                     [(x1 + x2) / 2 / image_width, (y1 + y2) / 2 / height, (x2 - x1) / image_width, (y2 - y1) / height]
                 )
                 labels[row, column] = 1 if box.positive else 0
-        return boxes.to(self.device, self.dtype, non_blocking=True), labels.to(self.device, non_blocking=True)
+        return to_device(boxes, self.device, self.dtype), to_device(labels, self.device)
 
     def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs) -> list[PromptResult]:
-        thresholds = torch.tensor([prompt.score_threshold for _, prompt in pairs], device=self.device)
-        limits = torch.tensor([prompt.max_instances for _, prompt in pairs], device=self.device)
+        thresholds = to_device(torch.tensor([prompt.score_threshold for _, prompt in pairs]), self.device)
+        limits = to_device(torch.tensor([prompt.max_instances for _, prompt in pairs]), self.device)
         kept = select_queries(
             outputs.pred_logits, outputs.presence_logits, outputs.pred_boxes, outputs.pred_masks, thresholds, limits
         )
-        results = []
-        offset = 0
-        for (job_index, prompt), count in zip(pairs, kept.counts, strict=True):
-            height, width = jobs[job_index].image.shape[:2]
-            span = slice(offset, offset + count)
-            offset += count
-            masks = upsample_masks(kept.mask_logits[span], height, width, prompt.mask_threshold)
-            boxes = scale_boxes(kept.boxes[span], width, height)
-            instances, union = build_instances(kept.scores[span], boxes, masks)
-            results.append(PromptResult(instances=instances, union_mask=union, image_size=(width, height)))
-        return results
+        sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
+        thresholds = [prompt.mask_threshold for _, prompt in pairs]
+        rendered = render_pairs(kept, sizes, thresholds, masks_per_pass(self.device))
+        return [
+            PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
+            for pair, (height, width) in zip(rendered, sizes, strict=True)
+        ]
 
 
 def _warm_up_jobs(images: int, prompts_per_image: int) -> list[Job]:
@@ -276,21 +272,28 @@ class _HeadOutputs:
 
 
 class _StageClock:
-    """Wall time per stage; synchronises CUDA so each stage's kernels are counted in its own stage."""
+    """Time per stage. On CUDA, events recorded on the stream mark the stage ends, so timing never makes the host
+    wait for the GPU: it queues the next stage while the GPU runs this one. Read once, at the end of the batch."""
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
-        self._last = time.perf_counter()
-        self._totals: dict[str, float] = {}
+        self._marks: list[tuple[str, object]] = [("start", self._mark())]
 
-    def lap(self, stage: str) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        elapsed = (now - self._last) * 1000
-        self._last = now
-        self._totals[stage] = self._totals.get(stage, 0.0) + elapsed
-        return elapsed
+    def _mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, stage: str) -> None:
+        self._marks.append((stage, self._mark()))
 
     def totals(self) -> dict[str, float]:
-        return {stage: round(ms, 3) for stage, ms in self._totals.items()}
+        if self._cuda:
+            self._marks[-1][1].synchronize()
+        totals: dict[str, float] = {}
+        for (_, before), (stage, after) in itertools.pairwise(self._marks):
+            elapsed = before.elapsed_time(after) if self._cuda else (after - before) * 1000
+            totals[stage] = totals.get(stage, 0.0) + elapsed
+        return {stage: round(ms, 3) for stage, ms in totals.items()}
