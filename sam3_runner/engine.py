@@ -177,9 +177,11 @@ class Sam3Engine:
     def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.processor.tokenizer(
             texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
-        ).to(self.device)
-        features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return features.pooler_output, tokens.attention_mask
+        )
+        input_ids = to_device(tokens.input_ids, self.device)
+        attention_mask = to_device(tokens.attention_mask, self.device)
+        features = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return features.pooler_output, attention_mask
 
     def _heads(self, jobs, pairs, vision: Sam3VisionEncoderOutput, text_features, text_mask):
         image_index = [job_index for job_index, _ in pairs]
