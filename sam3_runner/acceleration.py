@@ -94,16 +94,14 @@ def pin_decoder_grid(model: Sam3Model, grid: tuple[int, int] | None) -> None:
         log.warning("the DETR decoder's grid could not be learned; it is left as transformers builds it")
         return
     height, width = grid
-    cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    device = next(model.parameters()).device
+    rows = torch.arange(0, height, device=device, dtype=torch.float32) / height
+    columns = torch.arange(0, width, device=device, dtype=torch.float32) / width
 
     def coords(height_tensor, width_tensor, dtype: torch.dtype, device: torch.device):
-        key = (dtype, torch.device(device))
-        if key not in cache:
-            cache[key] = (
-                torch.arange(0, height, device=device, dtype=dtype) / height,
-                torch.arange(0, width, device=device, dtype=dtype) / width,
-            )
-        return cache[key]
+        # Built once, outside any traced code: a lazily filled cache would make torch.compile guard on its
+        # contents and trace the heads again after the first fill.
+        return rows.to(device=device, dtype=dtype), columns.to(device=device, dtype=dtype)
 
     model.detr_decoder._get_coords = coords
 
