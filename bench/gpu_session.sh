@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/results}
 EXTRA=${EXTRA:-}
 RLE_EXTRA=${RLE_EXTRA:-}
-POST_EXTRA=${POST_EXTRA:---instances 3,100 --iterations 3}
+POST_EXTRA=${POST_EXTRA:---instances 3,100 --passes 32,128 --iterations 3}
 HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto --env GATEWAY_WORKERS=4}
 CACHE=/tmp/sam3-compile-cache
 mkdir -p "$OUT"

@@ -1,13 +1,14 @@
 """Post-processing of one head call (32 prompts on a 1920x1080 image): the model card's way vs ours, one device.
 
-    python bench/postprocess.py [--device cuda] [--prompts 32] [--instances 3,100]
+    python bench/postprocess.py [--device cuda] [--prompts 32] [--instances 3,100] [--passes 32,128]
 
 Synthetic head outputs: 200 queries per prompt, 288x288 mask logits shaped like objects (random 24x24 blocks),
 `--instances` of them passing the 0.5 score threshold per prompt (3: what real weights give for most concepts;
 100: the random-weight benchmarks' case). float32 outputs, so both paths see the same numbers.
 - naive: the image processor's post_process_instance_segmentation per prompt (int64 full-size masks), masks
   copied to the host, pycocotools (what bench/run.py's naive request does).
-- ours: select_queries + render_pairs, what the engine runs.
+- ours: select_queries + render_pairs, what the engine runs, with each `--passes` value as masks per pass (the
+  engine's: MASKS_PER_GPU_PASS on a GPU, 1 on the CPU).
 Checks that both give the same instances. Writes <out>/<date>-<device>-postprocess.json.
 """
 
@@ -58,7 +59,7 @@ def naive(processor: Sam3ImageProcessor, outputs: SimpleNamespace) -> list[list[
     return per_prompt
 
 
-def ours(outputs: SimpleNamespace, device: torch.device) -> list[list[str]]:
+def ours(outputs: SimpleNamespace, device: torch.device, per_pass: int) -> list[list[str]]:
     prompts = outputs.pred_logits.shape[0]
     kept = select_queries(
         outputs.pred_logits,
@@ -68,7 +69,7 @@ def ours(outputs: SimpleNamespace, device: torch.device) -> list[list[str]]:
         torch.full((prompts,), 0.5, device=device),
         torch.full((prompts,), QUERIES, device=device),
     )
-    rendered = render_pairs(kept, [SIZE] * prompts, [0.5] * prompts, masks_per_pass(device))
+    rendered = render_pairs(kept, [SIZE] * prompts, [0.5] * prompts, per_pass)
     return [[instance.rle["counts"] for instance in pair.instances] for pair in rendered]
 
 
@@ -77,22 +78,27 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--instances", default="3,100", help="instances passing per prompt, one case each")
+    parser.add_argument("--passes", default="", help="masks per pass to time (default: the engine's)")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     processor = Sam3ImageProcessor()
+    passes = [int(n) for n in args.passes.split(",")] if args.passes else [masks_per_pass(device)]
     report: dict = {"date": dt.date.today().isoformat(), "device": name, "torch": torch.__version__, "cases": {}}
     for passing in map(int, args.instances.split(",")):
         outputs = head_outputs(args.prompts, passing, device)
-        same = [sorted(p) for p in naive(processor, outputs)] == [sorted(p) for p in ours(outputs, device)]
+        reference = [sorted(p) for p in naive(processor, outputs)]
         case = {
             "masks": args.prompts * passing,
-            "same_instances": same,
+            "same_instances": all([sorted(p) for p in ours(outputs, device, n)] == reference for n in passes),
             "naive": timed(lambda outputs=outputs: naive(processor, outputs), device, args.iterations, warmup=1),
-            "ours": timed(lambda outputs=outputs: ours(outputs, device), device, args.iterations, warmup=1),
         }
+        for per_pass in passes:
+            case[f"ours_{per_pass}_per_pass"] = timed(
+                lambda outputs=outputs, n=per_pass: ours(outputs, device, n), device, args.iterations, warmup=1
+            )
         report["cases"][f"{args.prompts}_prompts_x_{passing}_instances_1920x1080"] = case
         print(f"{args.prompts} prompts x {passing}: {json.dumps(case)}", flush=True)
         save(report, args.out, name, "postprocess")  # after each case: a time limit keeps what was measured
