@@ -19,8 +19,10 @@ from sam3_runner.rle import encode_rle
 from sam3_runner.transfer import to_device
 from sam3_runner.types import Instance
 
-# Masks resized, encoded and OR-ed per GPU pass: bounds the float temporaries to ~270 MB at full HD.
+# Masks resized, encoded and OR-ed per GPU pass at full HD or smaller: ~270 MB of float temporaries. Larger images
+# get proportionally fewer masks per pass (a 50 MP image: one), so a pass never needs more.
 MASKS_PER_GPU_PASS = 32
+FULL_HD_PIXELS = 1920 * 1080
 
 
 @dataclass
@@ -113,10 +115,12 @@ def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_thre
 
 
 def _passes(mask_sizes: list[tuple[int, int]], per_pass: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of at most per_pass consecutive masks of one size."""
+    """[start, stop) ranges of consecutive masks of one size: per_pass of them up to full HD, fewer above."""
     ranges, start = [], 0
     for index in range(1, len(mask_sizes) + 1):
-        if index == len(mask_sizes) or index - start == per_pass or mask_sizes[index] != mask_sizes[start]:
+        height, width = mask_sizes[start]
+        limit = max(1, min(per_pass, per_pass * FULL_HD_PIXELS // (height * width)))
+        if index == len(mask_sizes) or index - start == limit or mask_sizes[index] != mask_sizes[start]:
             ranges.append((start, index))
             start = index
     return ranges

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, render_pairs
+from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, _passes, render_pairs
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
 
 
@@ -90,3 +90,10 @@ def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
             union |= mask
             index += 1
         assert pair.union_mask.shape == (height, width) and np.array_equal(pair.union_mask, union)
+
+
+def test_a_pass_holds_fewer_masks_of_a_larger_image():
+    """32 full-HD masks per GPU pass, but one 50 MP mask: a huge image must not need 32x its size in memory."""
+    full_hd, huge = (1080, 1920), (7071, 7071)
+    passes = _passes([full_hd] * 40 + [huge] * 3, MASKS_PER_GPU_PASS)
+    assert passes == [(0, 32), (32, 40), (40, 41), (41, 42), (42, 43)]
