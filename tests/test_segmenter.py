@@ -131,6 +131,7 @@ def test_device_jpeg_decoding_serves_jpegs_and_everything_else():
 @pytest.mark.timeout(600)
 def test_compiled_heads_from_settings_serve_and_keep_their_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test; the segmenter sets it
+    torch._dynamo.reset()  # as in a fresh process: dynamo would reuse an earlier test's graph and compile nothing
     cache = tmp_path / "compile-cache"
     settings = Settings(
         sam3_weights_path="demo",
