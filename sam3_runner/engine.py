@@ -243,14 +243,19 @@ class Sam3Engine:
         return to_device(boxes, self.device, self.dtype), to_device(labels, self.device)
 
     def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs) -> list[PromptResult]:
-        thresholds = to_device(torch.tensor([prompt.score_threshold for _, prompt in pairs]), self.device)
+        score_thresholds = to_device(torch.tensor([prompt.score_threshold for _, prompt in pairs]), self.device)
         limits = to_device(torch.tensor([prompt.max_instances for _, prompt in pairs]), self.device)
         kept = select_queries(
-            outputs.pred_logits, outputs.presence_logits, outputs.pred_boxes, outputs.pred_masks, thresholds, limits
+            outputs.pred_logits,
+            outputs.presence_logits,
+            outputs.pred_boxes,
+            outputs.pred_masks,
+            score_thresholds,
+            limits,
         )
         sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
-        thresholds = [prompt.mask_threshold for _, prompt in pairs]
-        rendered = render_pairs(kept, sizes, thresholds, masks_per_pass(self.device))
+        mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
+        rendered = render_pairs(kept, sizes, mask_thresholds, masks_per_pass(self.device))
         return [
             PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
             for pair, (height, width) in zip(rendered, sizes, strict=True)

@@ -77,11 +77,12 @@ def render_pairs(
     areas, RLE strings, scores, boxes and union masks reach the host.
     """
     owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
+    mask_sizes = [sizes[pair] for pair in owner]
     unions: list[torch.Tensor | None] = [None] * len(sizes)
     areas: list[torch.Tensor] = []
     rles: list[dict] = []
-    for start, stop in _passes([sizes[pair] for pair in owner], per_pass):
-        height, width = sizes[owner[start]]
+    for start, stop in _passes(mask_sizes, per_pass):
+        height, width = mask_sizes[start]
         thresholds = _on_device([mask_thresholds[pair] for pair in owner[start:stop]], kept.mask_logits.device)
         masks = upsample_masks(kept.mask_logits[start:stop], height, width, thresholds)
         areas.append(torch.count_nonzero(masks, dim=(1, 2)))
@@ -90,7 +91,7 @@ def render_pairs(
             piece = masks[first - start : last - start].any(dim=0)
             unions[pair] = piece if unions[pair] is None else unions[pair] | piece
 
-    scale = _on_device([[w, h, w, h] for h, w in (sizes[pair] for pair in owner)], kept.boxes.device).reshape(-1, 4)
+    scale = _on_device([[w, h, w, h] for h, w in mask_sizes], kept.boxes.device).reshape(-1, 4)
     boxes = torch.minimum((kept.boxes * scale).clamp(min=0), scale).tolist()
     instances = [
         Instance(score=float(score), box=tuple(round(float(v), 2) for v in box), area=int(area), rle=rle)
