@@ -74,7 +74,7 @@ class Segmenter:
             return [failure("model_loading", "the model is still loading; retry shortly")] * len(items)
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(items))
-        decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else None
+        decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
         decoded = list(self._decoder.map(partial(_timed_decode, device=decode_device), items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
@@ -141,7 +141,7 @@ def worker_device(requested: str, worker_index: int) -> str:
     return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
-def _timed_decode(item: dict, device: torch.device | None) -> tuple[DecodedImage | None, float, dict | None]:
+def _timed_decode(item: dict, device: torch.device) -> tuple[DecodedImage | None, float, dict | None]:
     started = time.perf_counter()
     try:
         image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)

@@ -129,7 +129,7 @@ def measure_lever(loaded, compile_mode: str, jpeg: str, args, images: dict, batc
     engine = Sam3Engine(
         loaded, max_pairs_per_forward=args.max_pairs, compile_options=CompileOptions.parse(compile_mode)
     )
-    jpeg_device = loaded.device if jpeg == "device" else None
+    jpeg_device = loaded.device if jpeg == "device" else "cpu"
     entry = {"compile": compile_mode, "jpeg_decode": jpeg, "acceleration": engine.acceleration}
     entry.update(measure(engine, jpeg_device, images, batch, args.iterations, pool))
     entry["answers"] = engine.run([Job(decode_image(images["1008x1008"]).pixels, every_query)])[0]

@@ -29,7 +29,7 @@ def per_call_ms(fn, repeat: int = 20) -> float:
 
 def main() -> None:
     jpeg = synthetic_jpeg(1920, 1080, 1)
-    pixels = decode_image(jpeg).pixels
+    pixels = np.asarray(decode_image(jpeg).pixels)
     rows = {
         "encoded bytes": (len(pickle.dumps(jpeg)), per_call_ms(lambda: pickle.loads(pickle.dumps(jpeg)))),
         "decoded uint8 array": (len(pickle.dumps(pixels)), per_call_ms(lambda: pickle.loads(pickle.dumps(pixels)))),
