@@ -4,7 +4,8 @@ Why (bench/NOTES.md): in eager bf16 on an H100 the heads are launch-bound (26 ms
 encoder runs at ~4x its compute floor; torch.compile of the vision encoder alone measured 30 -> 16 ms at batch 1.
 CUDA graphs need fixed shapes, so text-only pairs are padded to power-of-two buckets and every bucket is compiled
 and recorded while the model loads, never on a request. Pairs with exemplar boxes (their box count varies) run eager.
-The DETR decoder's coordinate grid is pinned in every mode (pin_decoder_grid says why).
+In every mode the DETR decoder's coordinate grid is pinned and the box pooling takes one tensor, so the heads are one
+graph whose pair count can stay symbolic (pin_decoder_grid and pool_boxes_in_one_call say why).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchvision.ops import roi_align
 from transformers import Sam3Model
+from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +109,53 @@ def pin_decoder_grid(model: Sam3Model, grid: tuple[int, int] | None) -> None:
     model.detr_decoder._get_coords = coords
 
 
+def pool_boxes_in_one_call(model: Sam3Model) -> None:
+    """Give the geometry encoder's ROI pooling every box as one tensor.
+
+    transformers passes torchvision's roi_align the boxes as a list with one tensor per pair (`unbind(0)`), so
+    torch.compile specialises on the pair count and traces the heads again for every pair bucket (full size,
+    measured on the CPU: 5-9 s per trace, bench/NOTES.md). roi_align turns that list into one (K, 5) tensor with the
+    pair index in front anyway; built here instead, the pair count stays symbolic and one graph serves every bucket
+    from 2 up. Same computation as transformers' `_encode_boxes` otherwise (tested equal).
+    """
+    encoder = model.geometry_encoder
+    if not hasattr(encoder, "_encode_boxes"):
+        log.warning("this transformers version encodes boxes differently; box pooling is left as it is")
+        return
+
+    def encode_boxes(boxes, boxes_mask, boxes_labels, vision_features):
+        pairs, boxes_per_pair = boxes.shape[:2]
+        height, width = vision_features.shape[-2:]
+        scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+        pixel_boxes = box_cxcywh_to_xyxy(boxes) * scale
+        # roi_align takes float16 or float32, not bfloat16 (as in transformers)
+        dtype = torch.float16 if vision_features.dtype == torch.bfloat16 else vision_features.dtype
+        pair_index = torch.arange(pairs, device=boxes.device, dtype=dtype)[:, None, None]
+        rois = torch.cat([pair_index.expand(pairs, boxes_per_pair, 1), pixel_boxes.to(dtype)], dim=-1)
+        pooled = roi_align(vision_features.to(dtype), rois.reshape(-1, 5), encoder.roi_size).to(vision_features.dtype)
+        embeds = encoder.boxes_direct_project(boxes)
+        embeds = embeds + encoder.boxes_pool_project(pooled).view(pairs, boxes_per_pair, encoder.hidden_size)
+        center_x, center_y, box_width, box_height = boxes.unbind(-1)
+        positions = encoder._encode_box_coordinates(
+            center_x.flatten(), center_y.flatten(), box_width.flatten(), box_height.flatten()
+        )
+        embeds = embeds + encoder.boxes_pos_enc_project(positions.view(pairs, boxes_per_pair, -1))
+        return encoder.label_embed(boxes_labels.long()) + embeds, boxes_mask
+
+    encoder._encode_boxes = encode_boxes
+
+
 def compiled_vision(model: Sam3Model) -> Callable:
     return torch.compile(model.vision_encoder)
 
 
 def compiled_heads(heads: Callable) -> Callable:
-    """One static graph per pair bucket; on CUDA "reduce-overhead" records each as a CUDA graph."""
+    """Two traces for all the pair buckets: bucket 1 alone (torch.compile specialises sizes 0 and 1), then the
+    second bucket makes the pair count symbolic (automatic dynamic shapes; pool_boxes_in_one_call is what lets it)
+    and every larger bucket reuses that graph. On CUDA "reduce-overhead" records one CUDA graph per bucket."""
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, 64)
-    return torch.compile(heads, mode="reduce-overhead", dynamic=False)
+    return torch.compile(heads, mode="reduce-overhead")
 
 
 def mark_graph_step() -> None:

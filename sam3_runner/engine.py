@@ -27,6 +27,7 @@ from sam3_runner.acceleration import (
     mark_graph_step,
     pair_buckets,
     pin_decoder_grid,
+    pool_boxes_in_one_call,
 )
 from sam3_runner.loading import LoadedModel
 from sam3_runner.postprocess import masks_per_pass, render_pairs, select_queries
@@ -100,6 +101,7 @@ class Sam3Engine:
     def _warm_up(self, options: CompileOptions) -> None:
         """One eager pass (it also learns the decoder's grid), then every compiled shape, before any request."""
         started = time.perf_counter()
+        pool_boxes_in_one_call(self.model)
         pin_decoder_grid(self.model, learn_decoder_grid(self.model, lambda: self._run(_warm_up_jobs(1, 1))))
         if options.vision or options.heads:
             try:

@@ -10,7 +10,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import sam3_runner.engine as engine_module
 from sam3_runner import BoxPrompt, Job, Prompt, Sam3Engine, load_model
-from sam3_runner.acceleration import CompileOptions, learn_decoder_grid, pair_buckets, pin_decoder_grid
+from sam3_runner.acceleration import (
+    CompileOptions,
+    learn_decoder_grid,
+    pair_buckets,
+    pin_decoder_grid,
+    pool_boxes_in_one_call,
+)
 from sam3_runner.demo import DEMO_IMAGE_SIZE, build_demo_model
 
 ALL = {"score_threshold": 0.0, "max_instances": 200}
@@ -44,6 +50,35 @@ def test_pinned_decoder_grid_keeps_outputs_and_makes_the_heads_one_graph():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch.testing.assert_close(after.pred_logits, before.pred_logits)
     torch.testing.assert_close(after.pred_masks, before.pred_masks)
+
+
+def test_boxes_pooled_in_one_call_encode_like_transformers_and_keep_the_pair_count_symbolic():
+    """transformers' per-pair box list made torch.compile trace the heads once per pair count."""
+    model, processor = build_demo_model()
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.rand(3, 2, 4, generator=generator) * 0.5 + 0.2  # cxcywh, inside the image
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1]])
+    features = torch.randn(3, 32, 18, 18, generator=generator)
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    with torch.inference_mode():
+        want = model.geometry_encoder._encode_boxes(boxes, mask, labels, features)
+        pool_boxes_in_one_call(model)
+        got = model.geometry_encoder._encode_boxes(boxes, mask, labels, features)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert torch.equal(got[1], want[1])
+
+    traced = []
+
+    def counting_backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    heads = torch.compile(model.forward, backend=counting_backend)
+    with torch.inference_mode():
+        pin_decoder_grid(model, learn_decoder_grid(model, lambda: model(**_heads_inputs(model, processor))))
+        for pairs in (1, 2, 4, 8):
+            heads(**_heads_inputs(model, processor, pairs))
+    assert len(traced) == 2, "bucket 1, then one graph for every larger bucket"
 
 
 def test_compile_modes_and_pair_buckets():
