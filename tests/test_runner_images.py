@@ -116,6 +116,21 @@ def test_plain_jpeg_decoded_on_the_cpu_has_pillows_exact_pixels(subsampling):
     assert np.array_equal(decoded.pixels.numpy(), by_pillow)
 
 
+@pytest.mark.parametrize("offset", [0, 500, 1000, 1500])
+def test_a_jpeg_corrupted_inside_decodes_as_pillow_decodes_it_or_fails_as_pillow_fails(offset):
+    """Complete (ends with EOI) but damaged: torchvision must never return pixels Pillow would not."""
+    data = bytearray(encode(_smooth(120, 160), "JPEG", quality=90))
+    start = len(data) // 3 + offset
+    data[start : start + 40] = np.random.default_rng(offset).integers(0, 256, 40, dtype=np.uint8).tobytes()
+    try:
+        by_pillow = np.array(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+    except OSError:
+        with pytest.raises(ImageDecodeError):
+            decode_image(bytes(data))
+    else:
+        assert np.array_equal(np.asarray(decode_image(bytes(data)).pixels), by_pillow)
+
+
 def test_grey_jpeg_on_the_device_becomes_rgb():
     pixels = decode_image(_saved(Image.new("L", (8, 8), 100), "JPEG"), device="cpu").pixels
     assert isinstance(pixels, torch.Tensor) and tuple(pixels.shape) == (8, 8, 3)
