@@ -55,7 +55,7 @@ def use_compile_cache(directory: str | Path | None) -> None:
 
 
 def pair_buckets(max_pairs: int) -> list[int]:
-    """Powers of two up to max_pairs (and max_pairs itself): each is one compiled graph and one CUDA graph."""
+    """Powers of two up to max_pairs (and max_pairs itself): each bucket is recorded as one CUDA graph."""
     buckets = [1]
     while buckets[-1] * 2 < max_pairs:
         buckets.append(buckets[-1] * 2)
