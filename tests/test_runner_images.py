@@ -107,9 +107,19 @@ def _smooth(height: int, width: int) -> np.ndarray:
     return np.stack([(x * 3) % 256, (y * 5) % 256, ((x + y) * 2) % 256], axis=-1).astype(np.uint8)
 
 
-@pytest.mark.parametrize("subsampling", [0, 1, 2])
-def test_plain_jpeg_decoded_on_the_cpu_has_pillows_exact_pixels(subsampling):
-    data = encode(_smooth(37, 61), "JPEG", quality=90, subsampling=subsampling)
+@pytest.mark.parametrize(
+    ("pixels", "options"),
+    [
+        (_smooth(37, 61), {"subsampling": 0}),
+        (_smooth(37, 61), {"subsampling": 1}),
+        (_smooth(37, 61), {"subsampling": 2}),
+        (_smooth(37, 61), {"progressive": True}),
+        (_smooth(37, 61)[..., 0], {}),  # grey
+    ],
+    ids=["4:4:4", "4:2:2", "4:2:0", "progressive", "grey"],
+)
+def test_plain_jpeg_decoded_on_the_cpu_has_pillows_exact_pixels(pixels, options):
+    data = encode(pixels, "JPEG", quality=90, **options)
     decoded = decode_image(data)
     assert isinstance(decoded.pixels, torch.Tensor) and tuple(decoded.pixels.shape) == (37, 61, 3)
     by_pillow = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
