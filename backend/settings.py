@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     text_cache_size: int = Field(1024, ge=0)
     max_batch_size: int = Field(16, ge=2, le=128)
     max_latency_ms: int = Field(30_000, ge=10)
-    max_pairs_per_forward: int = Field(64, ge=1)
+    # bounded: box pooling numbers the pairs in float16 with bf16 weights (exact up to 2048)
+    max_pairs_per_forward: int = Field(64, ge=1, le=1024)
     # Longest a call to the model service may take. BentoML's client keeps each call's timer (and with it the
     # request's context) alive for this long, so memory under load plateaus at about rate x timeout (bench/soak.py).
     model_timeout_s: int = Field(60, ge=1)
