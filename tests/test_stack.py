@@ -240,6 +240,33 @@ def test_wrong_r2_secret_is_a_clear_error_and_a_failed_row(r2, supabase, bucket,
         )
 
 
+def test_the_image_downloads_while_the_row_is_marked_processing(r2, supabase, bucket, segmenter):
+    """The Supabase and R2 round trips overlap: here the row update only returns once the download has begun."""
+    pipeline = pipeline_for(r2, supabase, segmenter)
+    get_image, mark_processing = pipeline.store.get_image, pipeline.tasks.mark_processing
+    download_began = threading.Event()
+
+    def watched_get_image(key, max_bytes):
+        download_began.set()
+        return get_image(key, max_bytes)
+
+    async def mark_processing_with_the_download_under_way(task_id):
+        await mark_processing(task_id)
+        assert await asyncio.to_thread(download_began.wait, 10), "the download waited for the row update"
+
+    pipeline.store.get_image = watched_get_image
+    pipeline.tasks.mark_processing = mark_processing_with_the_download_under_way
+    task_id, user_id = new_task_row(supabase)
+    assert run_predict(pipeline, task_id, user_id)["num_instances"] >= 0
+    assert task_row(supabase, task_id)["status"] == "completed"
+
+
+def test_a_missing_row_is_the_answer_even_when_the_image_is_missing_too(r2, supabase, segmenter):
+    with pytest.raises(ApiError) as error:
+        run_predict(pipeline_for(r2, supabase, segmenter), str(uuid.uuid4()), "u", image_url="images/absent.jpg")
+    assert (error.value.status, error.value.code) == (404, "task_not_found")
+
+
 def test_r2_down_fails_the_row(supabase, segmenter, tmp_path):
     with running("s3_server.sh", tmp_path / "r2-down") as dying_r2:
         s3_client(dying_r2).put_object(
