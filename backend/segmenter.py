@@ -22,14 +22,13 @@ from sam3_runner import (
     Sam3Engine,
     WeightsError,
     decode_image,
+    decode_threads,
     load_model,
 )
 from sam3_runner.acceleration import CompileOptions, use_compile_cache
 from sam3_runner.loading import check_weights_reference
 
 log = logging.getLogger(__name__)
-
-DECODE_THREADS = 4
 
 
 class Segmenter:
@@ -41,7 +40,7 @@ class Segmenter:
         self._load_error: str | None = None
         self._batches = 0
         self._largest_batch = 0
-        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+        self._decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
         self._loader.start()
 

@@ -3,7 +3,7 @@ does now for plain JPEGs; same libjpeg-turbo, same pixels, decoded straight into
 
     python bench/decode.py [--images 16] [--threads 1,4]
 
-Photo-like full-HD JPEGs (bench/run.py's), decoded one thread and in the service's 4-thread pool; per image.
+Photo-like full-HD JPEGs (bench/run.py's), decoded on 1 thread and in pools of --threads; per image.
 The pixels are checked equal. Writes bench/results/<date>-<machine>-decode.json.
 """
 

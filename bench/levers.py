@@ -5,7 +5,7 @@
 
 Levers: JPEG decoding on the device (SAM3_JPEG_DECODE=device), torch.compile of the vision encoder and CUDA-graphed
 heads (SAM3_COMPILE=vision|heads|all). For each: one 1920x1080 request bytes -> RLE, one image x 32 prompts,
-16 single-prompt requests as one batch (decoded in the model service's 4-thread pool), peak memory, the time the
+16 single-prompt requests as one batch (decoded in a pool sized as the model service's), peak memory, the time the
 engine spent compiling while loading, and its answers against the eager engine's on the same weights.
 Writes <out>/<date>-<device>-levers.json and .md; a run cut short leaves <out>/levers-partial.json.
 """
@@ -37,11 +37,10 @@ from bench.run import (  # noqa: E402
     synthetic_jpeg,
     timed,
 )
-from sam3_runner import Job, Prompt, PromptResult, Sam3Engine, decode_image  # noqa: E402
+from sam3_runner import Job, Prompt, PromptResult, Sam3Engine, decode_image, decode_threads  # noqa: E402
 from sam3_runner.acceleration import CompileOptions, use_compile_cache  # noqa: E402
 from sam3_runner.loading import LoadedModel, resolve_device  # noqa: E402
 
-DECODE_THREADS = 4  # as backend/segmenter.py
 # name, SAM3_COMPILE, SAM3_JPEG_DECODE. `all` runs before the compile levers alone: it compiles with an empty
 # cache (the cold-start cost), and they then reuse its kernels (the warm-cache cost).
 LEVERS = (
@@ -160,7 +159,7 @@ def main() -> None:
     images = {"1920x1080": synthetic_jpeg(1920, 1080, 1), "1008x1008": synthetic_jpeg(1008, 1008, 2)}
     batch = [synthetic_jpeg(1920, 1080, 10 + i) for i in range(args.batch)]
     every_query = [Prompt("car", score_threshold=0.0, max_instances=200), Prompt("red car", score_threshold=0.0)]
-    pool = ThreadPoolExecutor(DECODE_THREADS)
+    pool = ThreadPoolExecutor(decode_threads())  # as the model service
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {

@@ -19,10 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.run import build, peak_memory_gb, reset_peak, smooth_masks, synthetic_jpeg, timed  # noqa: E402
-from sam3_runner import Job, Prompt, Sam3Engine, decode_image  # noqa: E402
+from sam3_runner import Job, Prompt, Sam3Engine, decode_image, decode_threads  # noqa: E402
 from sam3_runner.loading import LoadedModel, resolve_device  # noqa: E402
-
-DECODE_THREADS = 4  # as backend/segmenter.py
 
 
 def main() -> None:
@@ -42,7 +40,7 @@ def main() -> None:
     prompt = Prompt("car", score_threshold=0.5, max_instances=200)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
     images = [synthetic_jpeg(1920, 1080, 100 + i) for i in range(max(sizes))]
-    pool = ThreadPoolExecutor(DECODE_THREADS)
+    pool = ThreadPoolExecutor(decode_threads())  # as the model service
     report = {
         "date": dt.date.today().isoformat(),
         "device": name,

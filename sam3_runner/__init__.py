@@ -4,7 +4,7 @@ Knows nothing about HTTP, object storage or task rows.
 """
 
 from sam3_runner.engine import Sam3Engine
-from sam3_runner.images import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image
+from sam3_runner.images import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image, decode_threads
 from sam3_runner.loading import LoadedModel, WeightsError, load_model
 from sam3_runner.types import BOX_ONLY_TEXT, BoxPrompt, Instance, Job, Prompt, PromptResult
 
@@ -22,5 +22,6 @@ __all__ = [
     "Sam3Engine",
     "WeightsError",
     "decode_image",
+    "decode_threads",
     "load_model",
 ]

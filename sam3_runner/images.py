@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +37,13 @@ class DecodedImage:
     @property
     def height(self) -> int:
         return int(self.pixels.shape[0])
+
+
+def decode_threads() -> int:
+    """Threads for decoding a batch's images: one per core this process may use, 2 to 8. JPEG decoding scales with
+    the cores and not beyond them (bench/decode.py, `*-decode-threads.json`: on 2 cores 12.3 ms per image on one
+    thread, 6.1-6.3 on 2, 4 or 8)."""
+    return max(2, min(8, len(os.sched_getaffinity(0))))
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | torch.device = "cpu") -> DecodedImage:
@@ -80,7 +88,7 @@ def _decode_jpeg_on(device: str | torch.device, image: Image.Image, data: bytes)
     On a GPU (nvJPEG) ~20 ms of CPU per full-HD photo leave the request's path and the pixels are already where
     the model is. On the CPU it is the same libjpeg-turbo as Pillow, with the same pixels, but decoded straight into
     the tensor (no image copy, no bytes round trip): per full-HD photo 12.9 ms instead of 17.1 on one thread, 6.3
-    instead of 9.2 in the service's 4-thread pool (bench/decode.py, 2-core x86_64).
+    instead of 9.2 in a 4-thread pool (bench/decode.py, 2-core x86_64).
     None for anything else, and for any JPEG the device decoder refuses: Pillow then decodes it or explains why not.
     (torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they work in 0.26-0.29, the versions
     this project runs.)
