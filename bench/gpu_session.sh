@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The prepared device calls for issue 5 (bench/NOTES.md, "Next GPU session"), each run on the CPU first.
-#   bash bench/gpu_session.sh                  rle, postprocess, levers: ~9 min; carry [".whl"], timeout_s 560
+#   bash bench/gpu_session.sh                  host, rle, postprocess, levers: ~9 min; carry [".whl"], timeout_s 560
 #   bash bench/gpu_session.sh http             the served Bento on the GPU: ~4 min; carry [".whl", ".whl-serve"]
 #   on the CPU:  OUT=/tmp/gpu-session EXTRA="--tiny --device cpu" RLE_EXTRA="--device cpu --masks 20" \
 #                POST_EXTRA="--device cpu --prompts 4 --instances 3" \
-#                HTTP_EXTRA="--weights demo --device cpu" bash bench/gpu_session.sh rle postprocess levers cold http
+#                HTTP_EXTRA="--weights demo --device cpu" bash bench/gpu_session.sh host rle postprocess levers cold http
 # Surest results first; each step has its own time limit, so a slow compile costs only its own step.
 # .whl/ (pycocotools) and .whl-serve/ (the serving stack) come from scripts/device-wheels.py.
 set -uo pipefail
@@ -22,9 +22,12 @@ HTTP_EXTRA=${HTTP_EXTRA:---weights full --device auto --env GATEWAY_WORKERS=4}
 CACHE=/tmp/sam3-compile-cache
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-for step in ${*:-rle postprocess levers}; do
+for step in ${*:-host rle postprocess levers}; do
   echo "=== $step"
   case $step in
+    host)  # the GPU box's own CPU: decode pool sizing (decode_threads) and the mask PNG, ~20 s
+      timeout 60 python3 bench/decode.py --threads 1,4,8,16 --out "$OUT" 2>&1 | tail -16
+      timeout 60 python3 bench/mask_png.py --iterations 10 --out "$OUT" 2>&1 | tail -3 ;;
     rle) timeout 60 python3 bench/rle.py $RLE_EXTRA --out "$OUT" 2>&1 | tail -5 ;;
     postprocess) timeout 60 python3 bench/postprocess.py $POST_EXTRA --out "$OUT" 2>&1 | tail -5 ;;
     levers)
@@ -37,7 +40,7 @@ for step in ${*:-rle postprocess levers}; do
       python3 -c "import bentoml" 2>/dev/null || install_wheels .whl-serve
       timeout 300 python3 bench/http_overhead.py $HTTP_EXTRA --concurrency 32 --seconds 30 --out "$OUT" 2>&1 \
         | tail -20 ;;
-    *) echo "unknown step $step (rle, postprocess, levers, cold, http)" ;;
+    *) echo "unknown step $step (host, rle, postprocess, levers, cold, http)" ;;
   esac
 done
 ls -la "$OUT"

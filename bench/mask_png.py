@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import io
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads"
+    machine = f"{platform.machine()} {len(os.sched_getaffinity(0))} cores"
     masks = {
         "object_like_1920x1080": object_like_masks(1, torch.device("cpu"))[0].numpy(),
         "noise_1920x1080": np.random.default_rng(0).random((1080, 1920)) > 0.5,
@@ -64,7 +65,7 @@ def main() -> None:
         "cases": {name: measure(mask, args.iterations) for name, mask in masks.items()},
     }
     print(json.dumps(report["cases"], indent=2))
-    save(report, args.out, machine.replace(" threads", "-threads"), "mask-png")
+    save(report, args.out, machine, "mask-png")
 
 
 if __name__ == "__main__":
