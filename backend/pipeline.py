@@ -25,6 +25,7 @@ from tasks import TaskResult, TaskStore
 log = logging.getLogger(__name__)
 
 SegmentCall = Callable[[dict], Awaitable[dict]]
+CANCELLED = "cancelled: the request ended before a result"
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,12 @@ class PredictPipeline:
         download = asyncio.ensure_future(self._download(request.image_url))
         try:
             await self._guard(self.tasks.mark_processing(request.task_id))
-        except BaseException:
-            download.cancel()
-            download.add_done_callback(_drop_outcome)
+        except asyncio.CancelledError:  # the update may have landed: the row must not stay processing
+            _drop(download)
+            await asyncio.shield(self._record_failure(request.task_id, CANCELLED))
+            raise
+        except BaseException:  # the row could not be marked (missing, Supabase down): nothing to record
+            _drop(download)
             raise
         try:
             image, download_ms = await download
@@ -93,7 +97,7 @@ class PredictPipeline:
             await self._record_failure(request.task_id, f"{error.code}: {error.message}")
             raise
         except asyncio.CancelledError:
-            await asyncio.shield(self._record_failure(request.task_id, "cancelled: the request ended before a result"))
+            await asyncio.shield(self._record_failure(request.task_id, CANCELLED))
             raise
         except Exception:
             log.exception("task %s failed unexpectedly", request.task_id)
@@ -214,10 +218,10 @@ def _without_rle(body: dict) -> dict:
     return {**body, "instances": [{**instance, "rle": None} for instance in body["instances"]]}
 
 
-def _drop_outcome(task: asyncio.Task) -> None:
-    """Collect the outcome of work whose result no longer matters (asyncio would log it as never retrieved)."""
-    if not task.cancelled():
-        task.exception()
+def _drop(task: asyncio.Task) -> None:
+    """Cancel work whose result no longer matters, and collect its outcome (asyncio logs it if never retrieved)."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _ms_since(start: float) -> float:

@@ -261,6 +261,33 @@ def test_the_image_downloads_while_the_row_is_marked_processing(r2, supabase, bu
     assert task_row(supabase, task_id)["status"] == "completed"
 
 
+def test_a_request_cancelled_while_its_row_is_marked_processing_leaves_the_row_failed(r2, supabase, segmenter):
+    """The update reached the database but the request ended before its answer came back."""
+    pipeline = pipeline_for(r2, supabase, segmenter)
+    mark_processing = pipeline.tasks.mark_processing
+    update_landed = asyncio.Event()
+
+    async def mark_processing_then_stall(task_id):
+        await mark_processing(task_id)
+        update_landed.set()
+        await asyncio.sleep(60)
+
+    pipeline.tasks.mark_processing = mark_processing_then_stall
+    task_id, user_id = new_task_row(supabase)
+
+    async def cancel_once_the_update_landed():
+        request = PredictRequest(image_url="images/in.jpg", text_prompt="car", user_id=user_id, task_id=task_id)
+        predicting = asyncio.ensure_future(pipeline.predict(request))
+        await asyncio.wait_for(update_landed.wait(), 10)
+        predicting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await predicting
+
+    asyncio.run(cancel_once_the_update_landed())
+    row = task_row(supabase, task_id)
+    assert row["status"] == "failed" and row["error_message"].startswith("cancelled")
+
+
 def test_a_missing_row_is_the_answer_even_when_the_image_is_missing_too(r2, supabase, segmenter):
     with pytest.raises(ApiError) as error:
         run_predict(pipeline_for(r2, supabase, segmenter), str(uuid.uuid4()), "u", image_url="images/absent.jpg")
