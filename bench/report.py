@@ -121,11 +121,13 @@ def targets(levers: dict, cold_start: Path | None) -> str:
     ]
     if cold_start is not None:
         starts = json.loads(cold_start.read_text())["starts"]
-        for cache, entry in starts.items():
+        for label, entry in starts.items():  # bench/cold_start.py labels: start_<n>_<empty|warm>_cache
             seconds = entry["process_start_to_first_answer_s"]
-            goal, met = ("<= 60 s", "yes" if seconds <= 60 else "no") if cache == "warm_cache" else ("reported", "")
+            warm = label.endswith("warm_cache")
+            goal, met = ("<= 60 s", "yes" if seconds <= 60 else "no") if warm else ("reported", "")
             compiled = entry["acceleration"]["compile"]
-            lines.append(f"| cold start, {cache.replace('_', ' ')} | {goal} | {seconds} s | {compiled} | {met} |")
+            cache = "warm" if warm else "empty"
+            lines.append(f"| cold start, {cache} compile cache | {goal} | {seconds} s | {compiled} | {met} |")
     return "\n".join(lines)
 
 
