@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from backend.api_models import PredictRequest  # noqa: E402
 from backend.pipeline import Limits, PredictPipeline  # noqa: E402
 from backend.segmenter import Segmenter  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from bench.http_overhead import p50  # noqa: E402
 from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.run import synthetic_jpeg  # noqa: E402
 from storage import R2Storage  # noqa: E402
@@ -81,10 +81,6 @@ class DelayingProxy:
         finally:
             queue.put_nowait(None)
             await delivering
-
-
-def p50(values: list[float]) -> float:
-    return round(statistics.median(values), 2)
 
 
 async def measure(pipeline: PredictPipeline, supabase: dict, requests: int) -> dict:
