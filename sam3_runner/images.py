@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000
 _WHITE = (255, 255, 255)
-_EXIF_ORIENTATION = 0x0112
 _JPEG_END = b"\xff\xd9"
+# EXIF orientation -> the transpose that shows the image upright: Pillow's own table (ImageOps.exif_transpose)
+_TO_DISPLAY = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeError(ValueError):
@@ -50,7 +62,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str 
     """Decode the first frame, apply EXIF orientation and convert any mode to RGB.
 
     The pixel cap is checked on the header, before decoding, so a decompression bomb costs nothing. Plain JPEGs are
-    decoded by torchvision on `device` (see _decode_jpeg_on); the rest go through Pillow on the host.
+    decoded by torchvision on `device` (see _decode_jpeg_on); the rest go through Pillow on the host. Damaged
+    metadata never refuses an image Pillow can decode (see exif_orientation). Raises ImageTooLarge, or
+    ImageDecodeError for bytes Pillow cannot decode, whatever Pillow raised for them; nothing else.
     """
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
@@ -67,7 +81,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str 
                 return decoded
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if (orientation := exif_orientation(image)) in _TO_DISPLAY:
+                image = image.transpose(_TO_DISPLAY[orientation])
             rgb = to_rgb(image)
     except (ImageTooLarge, ImageDecodeError):
         raise
@@ -77,9 +92,31 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str 
         raise ImageDecodeError("the bytes are not a supported image format (JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"the image could not be decoded: {exc}") from None
+    except Exception as exc:  # Pillow's format plugins raise many kinds (struct.error, zlib.error, KeyError...)
+        raise ImageDecodeError(f"the image could not be decoded ({type(exc).__name__})") from None
     if rgb.width < 1 or rgb.height < 1:
         raise ImageDecodeError("the image has no pixels")
     return DecodedImage(pixels=np.array(rgb, dtype=np.uint8))
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's orientation, 1-8 as in EXIF (1: stored upright), read the way Pillow reads it (EXIF, else XMP).
+
+    Unlike ImageOps.exif_transpose, which also rewrites the metadata and so fails on any EXIF entry it cannot
+    re-encode (issue 12: an ASCII XResolution raised TypeError), this only reads the one tag. Orientation that
+    cannot be read (damaged EXIF, a value outside 1-8) is 1, the pixels as stored, with a warning naming only
+    the kind of damage.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as exc:  # EXIF parsing raises what its damage leads to: struct.error, SyntaxError, ...
+        damage = type(exc).__name__
+    else:
+        if type(orientation) is int and 1 <= orientation <= 8:
+            return orientation
+        damage = f"{orientation} is not 1-8" if type(orientation) is int else f"a {type(orientation).__name__}"
+    log.warning("the image's EXIF orientation could not be read (%s); using the pixels as stored", damage)
+    return 1
 
 
 def _decode_jpeg_on(device: str | torch.device, image: Image.Image, data: bytes) -> DecodedImage | None:
@@ -95,7 +132,7 @@ def _decode_jpeg_on(device: str | torch.device, image: Image.Image, data: bytes)
     """
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or not data.endswith(_JPEG_END):
         return None
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+    if exif_orientation(image) != 1:
         return None
     try:
         encoded = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
