@@ -74,16 +74,14 @@ class Segmenter:
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(items))
         decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
-        decoded = list(self._decoder.map(partial(_timed_decode, device=decode_device), items))
+        prepared = list(self._decoder.map(partial(_prepare, device=decode_device), items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
-        for index, (item, (image, decode_ms, error)) in enumerate(zip(items, decoded, strict=True)):
-            prompts = item_prompts(item)
-            error = error or _box_error(prompts, image)
+        for index, (job, decode_ms, error) in enumerate(prepared):
             if error:
                 outcomes[index] = error
             else:
-                runnable.append((index, Job(image.pixels, prompts), decode_ms))
+                runnable.append((index, job, decode_ms))
         for (index, _, decode_ms), result in zip(runnable, self._run_isolating_failures(engine, runnable), strict=True):
             outcomes[index] = result if isinstance(result, dict) else success(result, decode_ms)
         return outcomes
@@ -140,15 +138,22 @@ def worker_device(requested: str, worker_index: int) -> str:
     return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
-def _timed_decode(item: dict, device: torch.device) -> tuple[DecodedImage | None, float, dict | None]:
+def _prepare(item: dict, device: torch.device) -> tuple[Job | None, float, dict | None]:
+    """One item's job and decode time, or its error: whatever goes wrong here is this item's failure alone."""
     started = time.perf_counter()
     try:
         image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)
+        decode_ms = (time.perf_counter() - started) * 1000
+        prompts = item_prompts(item)
+        error = _box_error(prompts, image)
     except ImageTooLarge as exc:
         return None, 0.0, failure("image_too_large", str(exc))
     except ImageDecodeError as exc:
         return None, 0.0, failure("invalid_image", str(exc))
-    return image, (time.perf_counter() - started) * 1000, None
+    except Exception as exc:  # a bug, not the user's input: this item answers 500, the rest of the batch runs
+        log.exception("preparing one item of a batch failed")
+        return None, 0.0, failure("internal_error", f"the request could not be prepared ({type(exc).__name__})")
+    return (None, 0.0, error) if error else (Job(image.pixels, prompts), decode_ms, None)
 
 
 def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import encode, random_image
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sam3_runner import ImageDecodeError, ImageTooLarge, Job, Prompt, decode_image
 
@@ -30,6 +30,24 @@ def test_exif_orientation_6_rotates_clockwise():
     pixels[:, :20] = 255  # left half white
     decoded = decode_image(exif_jpeg(pixels, 6))
     assert decoded.pixels[:10].mean() > 200 and decoded.pixels[-10:].mean() < 50  # left became top
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_gives_pillows_exif_transpose_pixels(orientation, fmt, rng):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(random_image(rng, 12, 20), fmt, exif=exif.tobytes())
+    by_pillow = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(np.asarray(decode_image(data).pixels), by_pillow)
+
+
+def test_an_xmp_orientation_is_applied_like_pillow_applies_it(rng):
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    data = encode(random_image(rng, 12, 20), "JPEG", xmp=xmp)
+    by_pillow = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert by_pillow.shape == (20, 12, 3)
+    assert np.array_equal(np.asarray(decode_image(data).pixels), by_pillow)
 
 
 def test_masks_of_an_exif_rotated_jpeg_are_in_display_orientation(engine, rng):

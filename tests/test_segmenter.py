@@ -39,6 +39,17 @@ def test_bad_items_fail_alone(segmenter):
     assert unpack_mask(outcomes[0]["results"][0]).shape == (40, 60)
 
 
+def test_an_item_that_cannot_be_prepared_fails_alone_and_not_as_the_model_being_down(segmenter):
+    batch = items(3)
+    batch[1]["prompts"][0]["boxes"] = [{"x1": 1}]  # what no gateway sends: a box without its corners
+    outcomes = segmenter.segment(batch)
+    assert [o["ok"] for o in outcomes] == [True, False, True]
+    assert outcomes[1]["error"] == {
+        "code": "internal_error",
+        "message": "the request could not be prepared (TypeError)",
+    }
+
+
 def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):
     engine = segmenter._engine
     real_run, calls = engine.run, []
