@@ -12,7 +12,7 @@ import torch
 from transformers import Sam3Config, Sam3Model, Sam3Processor
 
 from sam3_runner.demo import build_demo_model
-from sam3_runner.meta_checkpoint import convert_state_dict, image_model_state_dict
+from sam3_runner.meta_checkpoint import UnknownKeyError, convert_state_dict, image_model_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,12 @@ def _from_meta_checkpoint(path: Path, hf_token: str | None) -> tuple[Sam3Model, 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = convert_state_dict(image_model_state_dict(checkpoint))
+    except UnknownKeyError as exc:
+        raise WeightsError(
+            f"the checkpoint {path} holds the key {exc.key!r}, which is not SAM 3's. A file in SAM3_WEIGHTS_PATH "
+            "must be Meta's original SAM 3 checkpoint (sam3.pt: the image model under `detector.`, the tracker "
+            "under `tracker.`); for weights in transformers format give their directory."
+        ) from None
     except Exception as exc:  # unpickling and format errors come in many types
         raise WeightsError(
             f"could not read the Meta checkpoint {path}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS

@@ -16,14 +16,16 @@ from runner_asserts import assert_same_result
 from transformers import Sam3Config, Sam3Model
 
 from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
-from sam3_runner.meta_checkpoint import convert_shape, plan_key
+from sam3_runner.meta_checkpoint import convert_shape, convert_state_dict, image_model_state_dict, plan_key
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = Path(__file__).parent / "fixtures" / "sam3_meta_image_model_state_dict.json"
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = FIXTURES / "sam3_meta_image_model_state_dict.json"  # sam3 0.1.4's image model, SAM 2 neck included
+TRACKER_FIXTURE = FIXTURES / "sam3_meta_tracker_state_dict.json"  # sam3 0.1.4's tracker (`tracker.` stripped)
 
 
-def meta_keys() -> dict[str, tuple[int, ...]]:
-    return {key: tuple(shape) for key, (shape, _dtype) in json.loads(FIXTURE.read_text()).items()}
+def meta_keys(fixture: Path = FIXTURE) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(shape) for key, (shape, _dtype) in json.loads(fixture.read_text()).items()}
 
 
 def test_every_meta_key_maps_to_a_sam3model_key_of_the_same_shape():
@@ -43,7 +45,17 @@ def test_every_meta_key_maps_to_a_sam3model_key_of_the_same_shape():
     assert covered == set(expected), f"not covered: {sorted(set(expected) - covered)[:5]}"
     rope = [k for k in without_counterpart if k.endswith("attn.freqs_cis")]
     points = [k for k in without_counterpart if k.startswith("geometry_encoder.points_")]
-    assert len(rope) == 32 and len(points) == 6 and len(without_counterpart) == 38
+    sam2_neck = [k for k in without_counterpart if k.startswith("backbone.vision_backbone.sam2_convs.")]
+    assert len(meta_keys()) == 1156
+    assert len(rope) == 32 and len(points) == 6 and len(sam2_neck) == 22 and len(without_counterpart) == 60
+
+
+def test_the_sam2_neck_is_laid_out_like_the_detector_neck():
+    """The 22 `sam2_convs` keys the real sam3.pt holds are a copy of `convs`: same names, same shapes."""
+    keys = meta_keys()
+    sam2_neck = {k.replace("sam2_convs", "convs"): shape for k, shape in keys.items() if ".sam2_convs." in k}
+    convs = {k: shape for k, shape in keys.items() if ".vision_backbone.convs." in k}
+    assert sam2_neck == convs and len(convs) == 22
 
 
 def to_meta_checkpoint(model: Sam3Model) -> dict:
@@ -56,7 +68,7 @@ def to_meta_checkpoint(model: Sam3Model) -> dict:
         if plan is None:
             block = re.search(r"blocks\.(\d+)\.", key)
             if block and int(block.group(1)) < layer_count["blocks"]:
-                detector[key] = torch.randn(4, 2)  # a rope table: transformers recomputes it
+                detector[f"detector.{key}"] = torch.randn(4, 2)  # a rope table: transformers recomputes it
             continue
         if not all(target in hf_state for target in plan.targets):
             continue  # a deeper layer than the tiny model has
@@ -70,8 +82,12 @@ def to_meta_checkpoint(model: Sam3Model) -> dict:
         else:
             tensor = parts[0]
         detector[f"detector.{key}"] = tensor
+    for key, tensor in list(detector.items()):  # the SAM 2 neck: a copy of the detector's neck, as in the real file
+        if ".vision_backbone.convs." in key:
+            detector[key.replace(".convs.", ".sam2_convs.")] = torch.randn_like(tensor)
     detector["detector.geometry_encoder.points_direct_project.weight"] = torch.randn(32, 2)
-    detector["tracker.some_memory_module.weight"] = torch.randn(3)
+    for key in meta_keys(TRACKER_FIXTURE):  # the tracker's 309 keys, small: the image model ignores them
+        detector[f"tracker.{key}"] = torch.randn(2)
     return {"model": detector}
 
 
@@ -94,6 +110,41 @@ def test_meta_checkpoint_loads_and_matches_the_transformers_directory(tiny_model
         Sam3Engine(loaded).run([Job(image, prompts)])[0], engine.run([Job(image, prompts)])[0], strict=True
     ):
         assert_same_result(got, want, score_tol=1e-6)
+
+
+def test_every_key_of_the_real_checkpoint_is_converted_or_ignored():
+    """All 1465 keys a real sam3.pt holds (1156 `detector.*`, 309 `tracker.*`, shapes on the meta device)
+    convert to exactly the full-size Sam3Model's state dict."""
+    payload = {f"detector.{key}": torch.empty(shape, device="meta") for key, shape in meta_keys().items()}
+    payload.update({f"tracker.{key}": torch.empty(s, device="meta") for key, s in meta_keys(TRACKER_FIXTURE).items()})
+    assert len(payload) == 1465
+    converted = convert_state_dict(image_model_state_dict({"model": payload}))
+    with torch.device("meta"):
+        expected = {key: tuple(t.shape) for key, t in Sam3Model(Sam3Config()).state_dict().items()}
+    assert {key: tuple(t.shape) for key, t in converted.items()} == expected
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        "detector.backbone.vision_backbone.sam2_convs.9.conv_5x5.weight",
+        "detector.transformer.decoder.some_new_head.weight",
+        "memory_bank.weight",
+    ],
+)
+def test_an_unknown_key_stops_the_start_naming_key_and_file(tiny_model_dir, tmp_path, engine, unknown):
+    meta_dir = tmp_path / "meta"
+    meta_dir.mkdir()
+    for name in ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (meta_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+    checkpoint = to_meta_checkpoint(engine.model)
+    checkpoint["model"][unknown] = torch.zeros(2)
+    torch.save(checkpoint, meta_dir / "sam3.pt")
+    with pytest.raises(WeightsError) as error:
+        load_model(str(meta_dir / "sam3.pt"), device="cpu")
+    message = str(error.value)
+    assert repr(unknown) in message and str(meta_dir / "sam3.pt") in message
+    assert "Meta's original SAM 3 checkpoint" in message
 
 
 def test_directory_loads_with_info(tiny_model_dir):
