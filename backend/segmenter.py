@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class Segmenter:
     def __init__(self, settings: Settings, worker_index: int = 1) -> None:
-        check_weights_reference(settings.sam3_weights_path)  # a bad path fails the start, with how to fix it
+        check_weights_reference(settings.sam3_weights_path, settings.sam3_config)  # a bad path fails the start
         self._settings = settings
         self._device = worker_device(settings.sam3_device, worker_index)
         self._engine: Sam3Engine | None = None
@@ -114,6 +114,7 @@ class Segmenter:
                 device=self._device,
                 dtype=settings.sam3_dtype,
                 hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+                config=settings.sam3_config,
             )
             use_compile_cache(settings.sam3_compile_cache_dir)
             self._engine = Sam3Engine(

@@ -17,6 +17,9 @@ class Settings(BaseSettings):
 
     # Model
     sam3_weights_path: str = "facebook/sam3"
+    # a Meta .pt only: its config.json (or a directory holding it and the processor files); else the files beside
+    # the checkpoint, else the built-in full-size SAM 3
+    sam3_config: str | None = None
     sam3_device: str = "auto"
     sam3_dtype: str = "auto"
     hf_token: SecretStr | None = None

@@ -1,4 +1,10 @@
-"""Turn SAM3_WEIGHTS_PATH into a model on a device: a hub repo, a local directory, a Meta `.pt`, or `demo`."""
+"""Turn SAM3_WEIGHTS_PATH into a model on a device: a hub repo, a local directory, a Meta `.pt`, or `demo`.
+
+A Meta `.pt` never needs the hub: its architecture comes from SAM3_CONFIG, else a config.json beside it, else
+transformers' default `Sam3Config()` (full-size SAM 3, the architecture of Meta's released sam3.pt); its processor
+from processor files in SAM3_CONFIG's directory, else beside it, else built in (`Sam3ImageProcessor()` defaults and
+CLIP's BPE tokenizer from open_clip_torch's vocabulary file, sam3_runner.clip_tokenizer).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Sam3Config, Sam3Model, Sam3Processor
+from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
+from sam3_runner.clip_tokenizer import VOCABULARY_SIZE, clip_tokenizer
 from sam3_runner.demo import build_demo_model
-from sam3_runner.meta_checkpoint import convert_state_dict, image_model_state_dict
+from sam3_runner.meta_checkpoint import UnknownKeyError, convert_state_dict, image_model_state_dict
 
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
-DEFAULT_HUB_REPO = "facebook/sam3"
+CONFIG_FILE = "config.json"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HOW_TO_GET_WEIGHTS = (
     "Set SAM3_WEIGHTS_PATH to one of: a Hugging Face repo id (default facebook/sam3; it is gated, so request access "
     "on its model page and set HF_TOKEN), a local directory in transformers format (config.json, model.safetensors, "
-    "processor and tokenizer files, e.g. from `hf download facebook/sam3 --local-dir DIR`), Meta's sam3.pt, "
-    "or `demo` for tiny random weights that exercise the API but segment nothing meaningful."
+    "processor and tokenizer files, e.g. from `hf download facebook/sam3 --local-dir DIR`), Meta's sam3.pt "
+    "(loads offline; SAM3_CONFIG names its config.json if it is not full-size SAM 3), or `demo` for tiny random "
+    "weights that exercise the API but segment nothing meaningful."
 )
 
 
@@ -93,20 +102,28 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return names[requested]
 
 
-def load_model(weights: str, device: str = "auto", dtype: str = "auto", hf_token: str | None = None) -> LoadedModel:
-    """Load SAM 3 for inference. Never falls back to `demo`: a bad path is an error that says what to do."""
+def load_model(
+    weights: str, device: str = "auto", dtype: str = "auto", hf_token: str | None = None, config: str | None = None
+) -> LoadedModel:
+    """Load SAM 3 for inference. Never falls back to `demo`: a bad path is an error that says what to do.
+
+    `config` (SAM3_CONFIG) applies to a Meta `.pt` only: a config.json, or a directory holding one (and optionally
+    the processor files), that overrides the files beside the checkpoint and the built-in full-size defaults.
+    Raises WeightsError.
+    """
     started = time.perf_counter()
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     weights = (weights or "").strip()
-    if check_weights_reference(weights) == DEMO:
+    config = (config or "").strip() or None
+    if check_weights_reference(weights, config) == DEMO:
         model, processor = build_demo_model()
         kind, source = "demo", "demo (tiny random weights, built in memory)"
         log.warning(
             "!!! SAM3_WEIGHTS_PATH=demo: RANDOM WEIGHTS. Masks are meaningless; use real weights in production."
         )
     else:
-        kind, model, processor = _load_weights(weights, hf_token)
+        kind, model, processor = _load_weights(weights, hf_token, config)
         source = weights
     model = model.to(device=target_device, dtype=target_dtype).eval()
     model.requires_grad_(False)
@@ -125,11 +142,25 @@ def load_model(weights: str, device: str = "auto", dtype: str = "auto", hf_token
     return loaded
 
 
-def check_weights_reference(weights: str) -> str:
+def check_weights_reference(weights: str, config: str | None = None) -> str:
     """The kind of weights `weights` names ("demo", "directory", "meta_checkpoint", "hub"), without loading them.
 
-    Cheap enough to run before a background load, so a path that cannot work fails the start at once.
+    Cheap enough to run before a background load, so a path that cannot work fails the start at once: that includes
+    a `config` (SAM3_CONFIG) that names no config.json, or is given for weights that carry their own config.
     """
+    kind = _weights_kind(weights)
+    config = (config or "").strip()
+    if config and kind != "meta_checkpoint":
+        raise WeightsError(
+            f"SAM3_CONFIG is set but SAM3_WEIGHTS_PATH is not a Meta .pt: {kind} weights bring their own config. "
+            "Unset SAM3_CONFIG."
+        )
+    if config:
+        _config_file(config)
+    return kind
+
+
+def _weights_kind(weights: str) -> str:
     weights = (weights or "").strip()
     if not weights:
         raise WeightsError("SAM3_WEIGHTS_PATH is empty. " + HOW_TO_GET_WEIGHTS)
@@ -146,12 +177,12 @@ def check_weights_reference(weights: str) -> str:
     return "hub"
 
 
-def _load_weights(weights: str, hf_token: str | None) -> tuple[str, Sam3Model, Sam3Processor]:
-    kind = check_weights_reference(weights)
+def _load_weights(weights: str, hf_token: str | None, config: str | None) -> tuple[str, Sam3Model, Sam3Processor]:
+    kind = check_weights_reference(weights, config)
     if kind == "directory":
         return kind, *_from_pretrained(str(Path(weights).expanduser()), None, f"the directory {weights}")
     if kind == "meta_checkpoint":
-        return kind, *_from_meta_checkpoint(Path(weights).expanduser(), hf_token)
+        return kind, *_from_meta_checkpoint(Path(weights).expanduser(), config)
     return kind, *_from_pretrained(weights, hf_token, f"the Hugging Face repo {weights}")
 
 
@@ -164,35 +195,109 @@ def _from_pretrained(location: str, hf_token: str | None, what: str) -> tuple[Sa
     return model, processor
 
 
-def _from_meta_checkpoint(path: Path, hf_token: str | None) -> tuple[Sam3Model, Sam3Processor]:
-    """A `sam3.pt`: config and processor come from the same directory when it has them, else from the hub repo."""
-    config_source = str(path.parent) if (path.parent / "config.json").is_file() else DEFAULT_HUB_REPO
+def _from_meta_checkpoint(path: Path, config: str | None) -> tuple[Sam3Model, Sam3Processor]:
+    """A `sam3.pt`, loaded without the hub (see the module docstring for where config and processor come from)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = convert_state_dict(image_model_state_dict(checkpoint))
+    except UnknownKeyError as exc:
+        raise WeightsError(
+            f"the checkpoint {path} holds the key {exc.key!r}, which is not SAM 3's. A file in SAM3_WEIGHTS_PATH "
+            "must be Meta's original SAM 3 checkpoint (sam3.pt: the image model under `detector.`, the tracker "
+            "under `tracker.`); for weights in transformers format give their directory."
+        ) from None
     except Exception as exc:  # unpickling and format errors come in many types
         raise WeightsError(
             f"could not read the Meta checkpoint {path}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS
         ) from None
-    try:
-        config = Sam3Config.from_pretrained(config_source, token=hf_token)
-        processor = Sam3Processor.from_pretrained(config_source, token=hf_token)
-    except Exception as exc:  # see _from_pretrained
-        raise WeightsError(
-            f"{path} holds weights only; its config and tokenizer come from {config_source}, which failed: "
-            f"{_first_line(exc)}. Put config.json and the processor files beside the checkpoint, or set HF_TOKEN."
-        ) from None
-    model = Sam3Model(config)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise WeightsError(f"the Meta checkpoint {path} does not fit the SAM 3 config: {_first_line(exc)}") from None
-    if missing or unexpected:
-        raise WeightsError(
-            f"the Meta checkpoint {path} does not fit the SAM 3 architecture: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
+    architecture, architecture_source = meta_checkpoint_config(path, config)
+    _check_fits(state, architecture, f"the Meta checkpoint {path}", architecture_source)
+    processor, processor_source = meta_checkpoint_processor(path, config, architecture)
+    model = Sam3Model(architecture)
+    model.load_state_dict(state)
+    log.info("Meta checkpoint %s: architecture from %s, processor from %s", path, architecture_source, processor_source)
     return model, processor
+
+
+def meta_checkpoint_config(checkpoint: Path, config: str | None = None) -> tuple[Sam3Config, str]:
+    """The architecture a Meta checkpoint loads into, and where it came from.
+
+    SAM3_CONFIG (`config`: a config.json or a directory holding one) wins, then a config.json beside the checkpoint,
+    then transformers' default `Sam3Config()`: full-size SAM 3 (840,376,374 parameters), the released sam3.pt's.
+    Raises WeightsError when the chosen file cannot be read.
+    """
+    if config:
+        file, source = _config_file(config), f"SAM3_CONFIG ({config})"
+    elif (checkpoint.parent / CONFIG_FILE).is_file():
+        file = checkpoint.parent / CONFIG_FILE
+        source = str(file)
+    else:
+        return Sam3Config(), "the built-in full-size SAM 3 config (transformers' Sam3Config())"
+    try:
+        return Sam3Config.from_json_file(file), source
+    except Exception as exc:  # JSON and config validation raise many types
+        raise WeightsError(f"could not read the SAM 3 config {file}: {_first_line(exc)}") from None
+
+
+def meta_checkpoint_processor(
+    checkpoint: Path, config: str | None, architecture: Sam3Config
+) -> tuple[Sam3Processor, str]:
+    """The processor (image preprocessing + tokenizer) for a Meta checkpoint, and where it came from.
+
+    Processor files (processor_config.json, tokenizer files) in SAM3_CONFIG's directory win, then those beside the
+    checkpoint, then the built-in full-size processor: `Sam3ImageProcessor()` (1008x1008 bilinear, rescale 1/255,
+    mean = std = 0.5) with CLIP's tokenizer (sam3_runner.clip_tokenizer). Raises WeightsError when the files cannot
+    be read, or when the built-in processor does not fit `architecture` (another image size or vocabulary).
+    """
+    directories = ([_config_file(config).parent] if config else []) + [checkpoint.parent]
+    for directory in directories:
+        if any((directory / name).is_file() for name in PROCESSOR_FILES):
+            try:
+                return Sam3Processor.from_pretrained(str(directory), local_files_only=True), str(directory)
+            except Exception as exc:  # see _from_pretrained
+                raise WeightsError(f"could not read the processor files in {directory}: {_first_line(exc)}") from None
+    image_processor = Sam3ImageProcessor()
+    built_in = (image_processor.size["height"], image_processor.size["width"], VOCABULARY_SIZE)
+    wanted = (
+        architecture.vision_config.backbone_config.image_size,
+        architecture.vision_config.backbone_config.image_size,
+        architecture.text_config.vocab_size,
+    )
+    if built_in != wanted:
+        raise WeightsError(
+            f"{checkpoint}'s config wants {wanted[0]} px images and a {wanted[2]}-token vocabulary; the built-in "
+            f"processor is full-size SAM 3's ({built_in[0]} px, {built_in[2]} tokens). Put the processor files "
+            "(processor_config.json, tokenizer files) beside the checkpoint or in SAM3_CONFIG's directory."
+        )
+    processor = Sam3Processor(image_processor=image_processor, tokenizer=clip_tokenizer())
+    return processor, "the built-in full-size SAM 3 processor (open_clip_torch's CLIP vocabulary)"
+
+
+def _config_file(config: str) -> Path:
+    path = Path(config).expanduser()
+    file = path / CONFIG_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise WeightsError(f"SAM3_CONFIG={config!r} is not a config.json or a directory holding one")
+    return file
+
+
+def _check_fits(state: dict[str, torch.Tensor], config: Sam3Config, what: str, config_source: str) -> None:
+    """Compare names and shapes with the architecture built on the meta device (no memory, ~0.1 s at full size)."""
+    with torch.device("meta"):
+        expected = {key: tuple(tensor.shape) for key, tensor in Sam3Model(config).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [
+        f"{key}: {tuple(state[key].shape)} in the file, {expected[key]} in the config"
+        for key in sorted(set(state) & set(expected))
+        if tuple(state[key].shape) != expected[key]
+    ]
+    if missing or unexpected or reshaped:
+        raise WeightsError(
+            f"{what} does not fit the SAM 3 architecture of {config_source}: {len(reshaped)} tensors of another "
+            f"shape (e.g. {reshaped[:2]}), {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:2]}). Set SAM3_CONFIG to the config.json the checkpoint was made with."
+        )
 
 
 def _first_line(exc: BaseException) -> str:

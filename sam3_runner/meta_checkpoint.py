@@ -13,11 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
+DETECTOR_PREFIX = "detector."
+TRACKER_PREFIX = "tracker."  # the interactive (video) tracker's own modules: never part of the image model
+
+# The SAM 2 neck the tracker reads the trunk through: 22 keys `sam2_convs.{0..3}.*`, laid out like `convs`
+# (Meta's video builder loads them into the detector). The image model has no counterpart; the tracker's neck
+# (transformers `tracker_neck.*`) will take them with the visual-prompts work.
+SAM2_NECK = re.compile(
+    r"^backbone\.vision_backbone\.sam2_convs\.\d+\.(dconv_2x2(_[01])?|conv_1x1|conv_3x3)\.(weight|bias)$"
+)
+
 # Meta keys that have no counterpart in the transformers image model: the ViT's precomputed rope tables
-# (transformers recomputes them) and the point-prompt projections (points belong to the tracker).
+# (transformers recomputes them), the point-prompt projections (points belong to the tracker) and the SAM 2 neck.
 NO_COUNTERPART = (
     re.compile(r"^backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis$"),
     re.compile(r"^geometry_encoder\.points_(direct|pool|pos_enc)_project\.(weight|bias)$"),
+    SAM2_NECK,
 )
 
 _VIT = r"backbone\.vision_backbone\.trunk\."
@@ -139,6 +150,14 @@ _ATTENTION_NAMES = {"self_attn": "self_attn", "cross_attn_image": "cross_attn", 
 _DECODER_ATTENTION_NAMES = {"self_attn": "self_attn", "cross_attn": "vision_cross_attn", "ca_text": "text_cross_attn"}
 
 
+class UnknownKeyError(ValueError):
+    """A checkpoint key that no conversion rule and no no-counterpart rule knows; `key` is as written in the file."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no conversion rule for the key {key!r}")
+        self.key = key
+
+
 @dataclass(frozen=True)
 class KeyPlan:
     """Where one Meta tensor goes: `targets[i]` receives chunk i (three chunks for fused q/k/v)."""
@@ -154,7 +173,10 @@ def _expand(replacement: str) -> str:
 
 
 def plan_key(meta_key: str) -> KeyPlan | None:
-    """The plan for one Meta image-model key (without `detector.`), or None when it has no counterpart."""
+    """The plan for one Meta image-model key (without `detector.`), or None when it has no counterpart.
+
+    Raises UnknownKeyError for a key no rule knows.
+    """
     if any(pattern.match(meta_key) for pattern in NO_COUNTERPART):
         return None
     for pattern, replacement in _COMPILED:
@@ -167,7 +189,7 @@ def plan_key(meta_key: str) -> KeyPlan | None:
             if target == "text_encoder.text_projection.weight":
                 return KeyPlan((target,), "transpose")
             return KeyPlan((target,), "copy")
-    raise KeyError(f"no conversion rule for Meta key {meta_key!r}")
+    raise UnknownKeyError(meta_key)
 
 
 def convert_shape(plan: KeyPlan, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -192,15 +214,28 @@ def convert_tensor(plan: KeyPlan, tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def image_model_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """The detector's tensors from a `sam3.pt` payload, `detector.` stripped; tracker keys are left out."""
+    """The detector's tensors from a `sam3.pt` payload, `detector.` stripped; tracker keys are left out.
+
+    A payload without `detector.` keys is taken as a bare image-model state dict. Raises UnknownKeyError for
+    any other key (named as in the file), ValueError when the payload holds no state dict.
+    """
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     if not isinstance(state, Mapping):
         raise ValueError("the checkpoint holds no state dict (expected a mapping, possibly under 'model')")
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
-    detector = {key.removeprefix("detector."): value for key, value in tensors.items() if key.startswith("detector.")}
-    if detector:
-        return detector
-    return {key: value for key, value in tensors.items() if not key.startswith("tracker.")}
+    prefix = DETECTOR_PREFIX if any(key.startswith(DETECTOR_PREFIX) for key in tensors) else ""
+    detector = {}
+    for key, value in tensors.items():
+        if key.startswith(TRACKER_PREFIX):
+            continue
+        if not key.startswith(prefix):
+            raise UnknownKeyError(key)
+        try:
+            plan_key(key.removeprefix(prefix))
+        except UnknownKeyError:
+            raise UnknownKeyError(key) from None
+        detector[key.removeprefix(prefix)] = value
+    return detector
 
 
 def convert_state_dict(meta_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

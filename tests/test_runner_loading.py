@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import random_image
+from meta_checkpoints import CONFIG_AND_PROCESSOR, TRACKER_FIXTURE, meta_keys, write_meta_checkpoint
 from runner_asserts import assert_same_result
 from transformers import Sam3Config, Sam3Model
 
 from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
-from sam3_runner.meta_checkpoint import convert_shape, plan_key
+from sam3_runner.clip_tokenizer import clip_tokenizer
+from sam3_runner.loading import check_weights_reference, meta_checkpoint_config, meta_checkpoint_processor
+from sam3_runner.meta_checkpoint import convert_shape, convert_state_dict, image_model_state_dict, plan_key
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = Path(__file__).parent / "fixtures" / "sam3_meta_image_model_state_dict.json"
-
-
-def meta_keys() -> dict[str, tuple[int, ...]]:
-    return {key: tuple(shape) for key, (shape, _dtype) in json.loads(FIXTURE.read_text()).items()}
 
 
 def test_every_meta_key_maps_to_a_sam3model_key_of_the_same_shape():
@@ -43,57 +43,187 @@ def test_every_meta_key_maps_to_a_sam3model_key_of_the_same_shape():
     assert covered == set(expected), f"not covered: {sorted(set(expected) - covered)[:5]}"
     rope = [k for k in without_counterpart if k.endswith("attn.freqs_cis")]
     points = [k for k in without_counterpart if k.startswith("geometry_encoder.points_")]
-    assert len(rope) == 32 and len(points) == 6 and len(without_counterpart) == 38
+    sam2_neck = [k for k in without_counterpart if k.startswith("backbone.vision_backbone.sam2_convs.")]
+    assert len(meta_keys()) == 1156
+    assert len(rope) == 32 and len(points) == 6 and len(sam2_neck) == 22 and len(without_counterpart) == 60
 
 
-def to_meta_checkpoint(model: Sam3Model) -> dict:
-    """The inverse of the key plans: a transformers model written out as Meta's sam3.pt would hold it."""
-    hf_state = model.state_dict()
-    layer_count = {"blocks": len(model.vision_encoder.backbone.layers)}
-    detector = {}
-    for key in meta_keys():
-        plan = plan_key(key)
-        if plan is None:
-            block = re.search(r"blocks\.(\d+)\.", key)
-            if block and int(block.group(1)) < layer_count["blocks"]:
-                detector[key] = torch.randn(4, 2)  # a rope table: transformers recomputes it
-            continue
-        if not all(target in hf_state for target in plan.targets):
-            continue  # a deeper layer than the tiny model has
-        parts = [hf_state[target] for target in plan.targets]
-        if plan.transform == "split_qkv":
-            tensor = torch.cat(parts, dim=0)
-        elif plan.transform == "drop_cls_position":
-            tensor = torch.cat([torch.randn_like(parts[0][:, :1]), parts[0]], dim=1)
-        elif plan.transform == "transpose":
-            tensor = parts[0].t().contiguous()
-        else:
-            tensor = parts[0]
-        detector[f"detector.{key}"] = tensor
-    detector["detector.geometry_encoder.points_direct_project.weight"] = torch.randn(32, 2)
-    detector["tracker.some_memory_module.weight"] = torch.randn(3)
-    return {"model": detector}
+def test_the_sam2_neck_is_laid_out_like_the_detector_neck():
+    """The 22 `sam2_convs` keys the real sam3.pt holds are a copy of `convs`: same names, same shapes."""
+    keys = meta_keys()
+    sam2_neck = {k.replace("sam2_convs", "convs"): shape for k, shape in keys.items() if ".sam2_convs." in k}
+    convs = {k: shape for k, shape in keys.items() if ".vision_backbone.convs." in k}
+    assert sam2_neck == convs and len(convs) == 22
+
+
+PROMPTS = [Prompt("cat", score_threshold=0.0), Prompt(boxes=(), text="dog", score_threshold=0.0)]
 
 
 def test_meta_checkpoint_loads_and_matches_the_transformers_directory(tiny_model_dir, tmp_path, engine, rng):
-    meta_dir = tmp_path / "meta"
-    meta_dir.mkdir()
-    for name in ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (tiny_model_dir / name).exists():
-            (meta_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
-    torch.save(to_meta_checkpoint(engine.model), meta_dir / "sam3.pt")
+    checkpoint = write_meta_checkpoint(tmp_path / "meta", engine.model, files_from=tiny_model_dir)
 
-    loaded = load_model(str(meta_dir / "sam3.pt"), device="cpu")
+    loaded = load_model(str(checkpoint), device="cpu")
     assert loaded.kind == "meta_checkpoint" and not loaded.random_weights
     for key, tensor in engine.model.state_dict().items():
         if key in dict(loaded.model.named_parameters()):
             assert torch.equal(loaded.model.state_dict()[key], tensor), key
     image = random_image(rng, 40, 50)
-    prompts = [Prompt("cat", score_threshold=0.0), Prompt(boxes=(), text="dog", score_threshold=0.0)]
     for got, want in zip(
-        Sam3Engine(loaded).run([Job(image, prompts)])[0], engine.run([Job(image, prompts)])[0], strict=True
+        Sam3Engine(loaded).run([Job(image, PROMPTS)])[0], engine.run([Job(image, PROMPTS)])[0], strict=True
     ):
         assert_same_result(got, want, score_tol=1e-6)
+
+
+def test_every_key_of_the_real_checkpoint_is_converted_or_ignored():
+    """All 1465 keys a real sam3.pt holds (1156 `detector.*`, 309 `tracker.*`, shapes on the meta device)
+    convert to exactly the full-size Sam3Model's state dict."""
+    payload = {f"detector.{key}": torch.empty(shape, device="meta") for key, shape in meta_keys().items()}
+    payload.update({f"tracker.{key}": torch.empty(s, device="meta") for key, s in meta_keys(TRACKER_FIXTURE).items()})
+    assert len(payload) == 1465
+    converted = convert_state_dict(image_model_state_dict({"model": payload}))
+    with torch.device("meta"):
+        expected = {key: tuple(t.shape) for key, t in Sam3Model(Sam3Config()).state_dict().items()}
+    assert {key: tuple(t.shape) for key, t in converted.items()} == expected
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        "detector.backbone.vision_backbone.sam2_convs.9.conv_5x5.weight",
+        "detector.transformer.decoder.some_new_head.weight",
+        "memory_bank.weight",
+    ],
+)
+def test_an_unknown_key_stops_the_start_naming_key_and_file(tiny_model_dir, tmp_path, engine, unknown):
+    path = write_meta_checkpoint(tmp_path / "meta", engine.model, files_from=tiny_model_dir)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"][unknown] = torch.zeros(2)
+    torch.save(checkpoint, path)
+    with pytest.raises(WeightsError) as error:
+        load_model(str(path), device="cpu")
+    message = str(error.value)
+    assert repr(unknown) in message and str(path) in message
+    assert "Meta's original SAM 3 checkpoint" in message
+
+
+# Phrases whose CLIP token ids open_clip's SimpleTokenizer (= OpenAI's = Meta's) gives; the first is CLIP's classic.
+PHRASES = {
+    "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+    "A Yellow  School-Bus": None,
+    "person's dog": None,
+    "2 red cars, 1 truck": None,
+    "café au lait": None,
+    "t-shirt with 🙂": None,
+}
+
+
+def test_the_built_in_tokenizer_gives_clips_token_ids():
+    from open_clip.tokenizer import SimpleTokenizer  # the reference, in the test only (its import is heavy)
+
+    reference = SimpleTokenizer()
+    tokenizer = clip_tokenizer()
+    assert len(tokenizer) == 49408 == reference.vocab_size
+    for phrase, known in PHRASES.items():
+        expected = [reference.sot_token_id, *reference.encode(phrase), reference.eot_token_id]
+        assert tokenizer(phrase).input_ids == expected, phrase
+        assert known is None or expected == known
+    padded = tokenizer(["a photo of a cat", "dog " * 40], padding="max_length", max_length=32, truncation=True)
+    assert padded.input_ids[0] == PHRASES["a photo of a cat"] + [49407] * 25  # padded with <|endoftext|>
+    assert padded.attention_mask[0] == [1] * 7 + [0] * 25
+    assert len(padded.input_ids[1]) == 32 and padded.input_ids[1][-1] == 49407
+
+
+def test_a_lone_checkpoint_gets_the_full_size_sam3_architecture_and_processor(tmp_path):
+    lone = tmp_path / "weights" / "sam3.pt"
+    lone.parent.mkdir()
+    lone.write_bytes(b"")  # only its directory is looked at
+    config, source = meta_checkpoint_config(lone)
+    assert config.to_dict() == Sam3Config().to_dict() and "built-in" in source
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Sam3Model(config).parameters()) == 840_376_374  # the released SAM 3
+    processor, source = meta_checkpoint_processor(lone, None, config)
+    image = processor.image_processor
+    assert image.size == {"height": 1008, "width": 1008} and image.resample == PIL.Image.Resampling.BILINEAR
+    assert image.do_rescale and image.rescale_factor == 1 / 255
+    assert image.do_normalize and list(image.image_mean) == list(image.image_std) == [0.5, 0.5, 0.5]
+    assert processor.tokenizer("a photo of a cat").input_ids == PHRASES["a photo of a cat"]
+    assert "built-in" in source
+
+
+def test_a_lone_tiny_checkpoint_fails_on_shapes_never_on_the_hub(tmp_path, engine, monkeypatch):
+    """With nothing beside it and no SAM3_CONFIG, a .pt is taken as full-size SAM 3: a tiny one does not fit,
+    and the error says so (the hub is not asked for a config)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_meta_checkpoint(tmp_path / "lone", engine.model)
+    with pytest.raises(WeightsError) as error:
+        load_model(str(path), device="cpu")
+    message = str(error.value)
+    assert "built-in full-size SAM 3 config" in message and "tensors of another shape" in message
+    assert "in the file" in message and "SAM3_CONFIG" in message
+    assert "facebook/sam3" not in message and "HF_TOKEN" not in message
+
+
+def test_a_lone_checkpoint_with_sam3_config_loads_offline_and_matches_the_directory(
+    tiny_model_dir, tmp_path, engine, rng
+):
+    """The .pt alone in its directory, SAM3_CONFIG naming the tiny config (with its processor files): it loads in a
+    fresh interpreter with the hub offline and unreachable, and answers exactly like the transformers directory."""
+    path = write_meta_checkpoint(tmp_path / "lone", engine.model)
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    for name in CONFIG_AND_PROCESSOR:
+        (config_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+    image = random_image(rng, 40, 50)
+    np.save(tmp_path / "image.npy", image)
+    script = (
+        "import pickle, sys\n"
+        "import numpy as np\n"
+        "from sam3_runner import Job, Prompt, Sam3Engine, load_model\n"
+        "loaded = load_model(sys.argv[1], device='cpu', config=sys.argv[2])\n"
+        "prompts = [Prompt('cat', score_threshold=0.0), Prompt(boxes=(), text='dog', score_threshold=0.0)]\n"
+        "results = Sam3Engine(loaded).run([Job(np.load(sys.argv[3]), prompts)])[0]\n"
+        "pickle.dump((loaded.kind, results), open(sys.argv[4], 'wb'))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "HF_TOKEN"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"), HF_ENDPOINT="http://127.0.0.1:9")
+    out = tmp_path / "results.pkl"
+    argv = [str(path), str(config_dir), str(tmp_path / "image.npy"), str(out)]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    kind, results = pickle.loads(out.read_bytes())
+    assert kind == "meta_checkpoint"
+    for got, want in zip(results, engine.run([Job(image, PROMPTS)])[0], strict=True):
+        assert_same_result(got, want, score_tol=1e-6)
+
+
+def test_sam3_config_wins_over_the_files_beside_the_checkpoint(tiny_model_dir, tmp_path, engine):
+    path = write_meta_checkpoint(tmp_path / "meta", engine.model)
+    Sam3Config().to_json_file(path.parent / "config.json")  # full size: the tiny weights do not fit it
+    assert load_model(str(path), device="cpu", config=str(tiny_model_dir / "config.json")).parameters == sum(
+        p.numel() for p in engine.model.parameters()
+    )
+    with pytest.raises(WeightsError, match=re.escape(str(path.parent / "config.json"))):
+        load_model(str(path), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("weights", "config", "message"),
+    [
+        ("meta", "/no/such/config.json", "is not a config.json or a directory holding one"),
+        ("meta", "empty-dir", "is not a config.json or a directory holding one"),
+        ("demo", "tiny", "Unset SAM3_CONFIG"),
+        ("tiny", "tiny", "Unset SAM3_CONFIG"),
+    ],
+)
+def test_a_sam3_config_that_cannot_work_fails_the_start(tiny_model_dir, tmp_path, weights, config, message):
+    meta = tmp_path / "sam3.pt"
+    meta.write_bytes(b"")
+    (tmp_path / "empty-dir").mkdir()
+    names = {"meta": str(meta), "demo": "demo", "tiny": str(tiny_model_dir), "empty-dir": str(tmp_path / "empty-dir")}
+    with pytest.raises(WeightsError, match=message):
+        check_weights_reference(names[weights], names.get(config, config))
 
 
 def test_directory_loads_with_info(tiny_model_dir):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import encode, random_image
+from meta_checkpoints import write_meta_checkpoint
 
 from backend.protocol import make_item, unpack_mask
 from backend.segmenter import Segmenter
@@ -86,6 +87,22 @@ def test_a_job_that_fails_alone_gets_an_error_and_the_rest_succeed(segmenter, mo
 def test_a_bad_weights_path_fails_the_start():
     with pytest.raises(WeightsError, match="does not exist"):
         Segmenter(Settings(sam3_weights_path="/nowhere/sam3", _env_file=None))
+
+
+def test_a_lone_meta_checkpoint_serves_with_sam3_config_from_env(tiny_model_dir, engine, tmp_path, monkeypatch):
+    """SAM3_WEIGHTS_PATH names a .pt alone in its directory, SAM3_CONFIG the tiny config: the worker serves it."""
+    checkpoint = write_meta_checkpoint(tmp_path / "weights", engine.model)
+    monkeypatch.setenv("SAM3_WEIGHTS_PATH", str(checkpoint))
+    monkeypatch.setenv("SAM3_CONFIG", str(tiny_model_dir))
+    segmenter = Segmenter(Settings(sam3_device="cpu", _env_file=None))
+    deadline = time.monotonic() + 60
+    while not segmenter.ready and segmenter.status()["state"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segmenter.status()["info"]["weights_kind"] == "meta_checkpoint"
+    assert "error" not in segmenter.segment(items(1))[0]
+    monkeypatch.setenv("SAM3_CONFIG", str(tmp_path / "nowhere.json"))
+    with pytest.raises(WeightsError, match="SAM3_CONFIG"):  # a config path that cannot work fails the start
+        Segmenter(Settings(sam3_device="cpu", _env_file=None))
 
 
 def test_not_ready_until_the_weights_are_loaded(monkeypatch):
