@@ -117,11 +117,12 @@ def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_thre
     Meta resizes the LOGITS, then thresholds: `interpolate(masks, (H, W), mode="bilinear", align_corners=False)
     .sigmoid() > 0.5` (torch's default antialias=False) in sam3/model/sam3_image_processor.py,
     Sam3Processor._forward_grounding, and sam3/eval/postprocessors.py, PostProcessImage._process_masks.
-    (transformers' post_process_instance_segmentation resizes sigmoid probabilities instead, which loses pixels
-    at every edge.) The logits are resized in float32 and compared with logit(t) = log(t / (1 - t)) per mask
+    (transformers' post_process_instance_segmentation resizes sigmoid probabilities instead, which moves every
+    edge.) The logits are resized in float32 and compared with logit(t) = log(t / (1 - t)) per mask
     (mask_thresholds [n], probabilities in [0, 1]): sigmoid(x) > t exactly when x > logit(t), so t = 0.5 is
-    Meta's cut (x > 0) and mask_threshold keeps its meaning, without a full-resolution sigmoid. torch.logit
-    gives -inf at t = 0 (every pixel) and +inf at t = 1 (no pixel).
+    Meta's cut (x > 0) and mask_threshold keeps its meaning, without a full-resolution sigmoid. (Only a logit
+    within ~9e-8 of the cut can differ from float32 sigmoid's rounding, far below the model's own agreement with
+    Meta's.) torch.logit gives -inf at t = 0 (every pixel) and +inf at t = 1 (no pixel).
     """
     resized = F.interpolate(mask_logits.float()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     return resized > torch.logit(mask_thresholds)[:, None, None]
