@@ -18,7 +18,11 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Box(BaseModel):
-    """An exemplar box in original-image pixels; `negative` means "not this kind of thing"."""
+    """An exemplar box in original-image pixels; `negative` means "not this kind of thing".
+
+    It must overlap the image and may run past its right or bottom edge: the model gets it as drawn (not clamped),
+    as in Meta's reference. A box that does not overlap the image is refused once the image is decoded.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,7 +97,7 @@ class InstanceOut(BaseModel):
     label: str
     score: float
     box: list[float] = Field(description="xyxy in original-image pixels")
-    area: int
+    area: int = Field(description="pixels in the instance's mask; at least 1 (an empty mask is no instance)")
     rle: dict | None = Field(None, description="COCO RLE {size: [h, w], counts: str}")
 
 

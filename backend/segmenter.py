@@ -158,8 +158,10 @@ def _prepare(item: dict, device: torch.device) -> tuple[Job | None, float, dict 
 
 
 def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:
+    """Each box must overlap the image: it may run past the right or bottom edge (the model gets it as drawn, like
+    Meta's reference), but must start inside it (x1, y1 >= 0 and x2 > x1, y2 > y1 are checked at the edge)."""
     for prompt in prompts:
         for index, box in enumerate(prompt.boxes):
             if box.x1 >= image.width or box.y1 >= image.height:
-                return failure("invalid_box", f"box {index} lies outside the {image.width}x{image.height} image")
+                return failure("invalid_box", f"box {index} does not overlap the {image.width}x{image.height} image")
     return None

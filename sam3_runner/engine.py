@@ -224,7 +224,12 @@ class Sam3Engine:
         )
 
     def _box_tensors(self, jobs, pairs: list[tuple[int, Prompt]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exemplar boxes as normalised cxcywh, padded with label -10.
+        """Exemplar boxes [pairs, boxes, 4] as normalised cxcywh (the model's dtype), labels [pairs, boxes] (-10 pads).
+
+        A box goes to the model as drawn, not clamped to the image: one that runs past the right or bottom edge
+        has normalised coordinates above 1, as in Meta's reference (sam3's Sam3Processor.add_geometric_prompt
+        takes normalised cxcywh as given) and transformers' Sam3Processor (it divides by the image size only).
+        The segmenter has checked that each box overlaps the image and has x2 > x1, y2 > y1.
 
         A text-only prompt still gets one padding box: the geometry encoder then contributes its CLS token,
         as Meta's reference always does (transformers skips the encoder without boxes, and the trained
@@ -236,8 +241,7 @@ class Sam3Engine:
         for row, (job_index, prompt) in enumerate(pairs):
             height, image_width = jobs[job_index].image.shape[:2]
             for column, box in enumerate(prompt.boxes):
-                x1, x2 = sorted((min(max(box.x1, 0.0), image_width), min(max(box.x2, 0.0), image_width)))
-                y1, y2 = sorted((min(max(box.y1, 0.0), height), min(max(box.y2, 0.0), height)))
+                x1, y1, x2, y2 = box.x1, box.y1, box.x2, box.y2
                 boxes[row, column] = torch.tensor(
                     [(x1 + x2) / 2 / image_width, (y1 + y2) / 2 / height, (x2 - x1) / image_width, (y2 - y1) / height]
                 )

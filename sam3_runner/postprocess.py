@@ -74,7 +74,9 @@ def render_pairs(
     """Kept queries -> each pair's instances (original-size boxes, areas, RLEs) and union mask.
 
     sizes are (height, width) per pair. Up to per_pass consecutive masks of one size share a pass; only the
-    areas, RLE strings, scores, boxes and union masks reach the host.
+    areas, RLE strings, scores, boxes and union masks reach the host. A query whose mask is empty at the image's
+    size (a small image samples few points of the logits; a high mask threshold) is no instance and is dropped,
+    so a pair may hold fewer instances than it kept queries; it adds nothing to the union either.
     """
     owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
     mask_sizes = [sizes[pair] for pair in owner]
@@ -103,16 +105,27 @@ def render_pairs(
     for pair, count in enumerate(kept.counts):
         union = unions[pair]
         union_mask = union.cpu().numpy() if union is not None else np.zeros(sizes[pair], dtype=bool)
-        rendered.append(RenderedPair(instances=instances[offset : offset + count], union_mask=union_mask))
+        kept_instances = [instance for instance in instances[offset : offset + count] if instance.area]
+        rendered.append(RenderedPair(instances=kept_instances, union_mask=union_mask))
         offset += count
     return rendered
 
 
 def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_thresholds: torch.Tensor) -> torch.Tensor:
-    """Low-resolution mask logits [n, h, w] -> bool masks [n, H, W] (probabilities resized, then thresholded)."""
-    probabilities = mask_logits.float().sigmoid()
-    resized = F.interpolate(probabilities[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    return resized > mask_thresholds[:, None, None]
+    """Low-resolution mask logits [n, h, w] -> bool masks [n, H, W], as Meta's reference renders them.
+
+    Meta resizes the LOGITS, then thresholds: `interpolate(masks, (H, W), mode="bilinear", align_corners=False)
+    .sigmoid() > 0.5` (torch's default antialias=False) in sam3/model/sam3_image_processor.py,
+    Sam3Processor._forward_grounding, and sam3/eval/postprocessors.py, PostProcessImage._process_masks.
+    (transformers' post_process_instance_segmentation resizes sigmoid probabilities instead, which moves every
+    edge.) The logits are resized in float32 and compared with logit(t) = log(t / (1 - t)) per mask
+    (mask_thresholds [n], probabilities in [0, 1]): sigmoid(x) > t exactly when x > logit(t), so t = 0.5 is
+    Meta's cut (x > 0) and mask_threshold keeps its meaning, without a full-resolution sigmoid. (Only a logit
+    within ~9e-8 of the cut can differ from float32 sigmoid's rounding, far below the model's own agreement with
+    Meta's.) torch.logit gives -inf at t = 0 (every pixel) and +inf at t = 1 (no pixel).
+    """
+    resized = F.interpolate(mask_logits.float()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return resized > torch.logit(mask_thresholds)[:, None, None]
 
 
 def _passes(mask_sizes: list[tuple[int, int]], per_pass: int) -> list[tuple[int, int]]:

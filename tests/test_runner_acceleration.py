@@ -122,7 +122,7 @@ def test_a_compiler_failure_leaves_a_working_eager_engine(tiny_model_dir, rng, m
     engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), compile_options=CompileOptions(heads=True))
     assert engine.acceleration["compile"] == "off"
     assert "inductor exploded" in engine.acceleration["compile_error"]
-    result = engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])[0][0]
+    result = engine.run([Job(random_image(rng, 48, 64), [Prompt("cat", **ALL)])])[0][0]
     assert len(result.instances) == 8
 
 
@@ -150,7 +150,7 @@ def test_a_compiled_path_failing_at_run_time_falls_back_to_eager_for_good(tiny_m
     loaded = load_model(str(tiny_model_dir), device="cpu")
     engine = Sam3Engine(loaded, max_pairs_per_forward=1, compile_options=CompileOptions(heads=True))
     assert engine.acceleration["compile"] == "heads"
-    job = Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])
+    job = Job(random_image(rng, 48, 64), [Prompt("cat", **ALL)])
     first, second = engine.run([job])[0][0], engine.run([job])[0][0]
     assert len(first.instances) == len(second.instances) == 8
     assert engine.acceleration["compile"] == "off" and "replay failed" in engine.acceleration["compile_error"]
@@ -170,7 +170,7 @@ def test_a_compiler_failing_on_its_first_call_leaves_an_eager_engine(tiny_model_
     engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), compile_options=CompileOptions(heads=True))
     assert engine.acceleration["compile"] == "off"
     assert "unsupported op" in engine.acceleration["compile_error"]
-    assert len(engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])[0][0].instances) == 8
+    assert len(engine.run([Job(random_image(rng, 48, 64), [Prompt("cat", **ALL)])])[0][0].instances) == 8
 
 
 def test_without_compilation_a_model_failure_reaches_the_caller_unretried(engine, rng, monkeypatch):

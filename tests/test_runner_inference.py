@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import random_image
 from runner_asserts import assert_same_result, decode_rle
@@ -129,3 +130,50 @@ def test_text_only_prompt_runs_the_geometry_cls_token_like_meta(engine, rng):
 
     np.testing.assert_allclose(sorted(i.score for i in ours.instances), scores(with_cls), atol=1e-5)
     assert not np.allclose(scores(with_cls), scores(without_cls), atol=1e-5)
+
+
+def test_a_box_ending_outside_the_image_reaches_the_model_as_drawn(engine):
+    """Normalised cxcywh of the box as drawn: past 1 on the right and bottom, as Meta's reference encodes it."""
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    prompt = Prompt("car", boxes=(BoxPrompt(40, 30, 100, 60), BoxPrompt(2, 4, 10, 12, positive=False)))
+    boxes, labels = engine._box_tensors([Job(image, [prompt])], [(0, prompt)])
+    expected = [[70 / 64, 45 / 48, 60 / 64, 30 / 48], [6 / 64, 8 / 48, 8 / 64, 8 / 48]]
+    torch.testing.assert_close(boxes, torch.tensor([expected]))
+    assert labels.tolist() == [[1, 0]]
+
+
+def _transformers_scores(model, processor, image: np.ndarray, text: str, box: list[float]) -> list[float]:
+    """Plain transformers on one box: Sam3Processor normalises it (no clamp), Sam3Model runs it."""
+    inputs = processor(images=image, text=text, input_boxes=[[box]], input_boxes_labels=[[1]], return_tensors="pt")
+    with torch.inference_mode():
+        outputs = model(**{name: value for name, value in inputs.items() if name != "original_sizes"})
+    return sorted((outputs.pred_logits.sigmoid() * outputs.presence_logits.sigmoid())[0].tolist())
+
+
+def test_a_box_ending_outside_the_image_is_answered_like_transformers(engine, rng):
+    """A box that runs past the right and bottom edges: the same scores as transformers' Sam3Processor +
+    Sam3Model on the same box, not those of the box clamped to the image."""
+    image = random_image(rng, 48, 64)
+    drawn = [40.0, 20.0, 120.0, 90.0]
+    ours = engine.run([Job(image, [Prompt("car", boxes=(BoxPrompt(*drawn),), **ALL)])])[0][0]
+    reference = _transformers_scores(engine.model, engine.processor, image, "car", drawn)
+    np.testing.assert_allclose(sorted(i.score for i in ours.instances), reference, atol=1e-5)
+    clamped = _transformers_scores(engine.model, engine.processor, image, "car", [40.0, 20.0, 64.0, 48.0])
+    assert not np.allclose(reference, clamped, atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width", "black"), [(1, 1, False), (48, 64, True)])
+def test_threshold_0_on_a_small_image_returns_no_empty_instance(engine, rng, height, width, black):
+    """Every query passes threshold 0, but a query whose mask has no pixel at the image's size is no instance:
+    every returned instance's RLE decodes to a non-empty mask of its area, and the union is theirs."""
+    prompts = [Prompt(text, **ALL) for text in ("cat", "a red car", "person")]
+    image = np.zeros((height, width, 3), dtype=np.uint8) if black else random_image(rng, height, width)
+    results = engine.run([Job(image, prompts)])[0]
+    for result in results:
+        union = np.zeros((height, width), dtype=bool)
+        for instance in result.instances:
+            mask = decode_rle(instance.rle)
+            assert instance.area > 0 and int(mask.sum()) == instance.area
+            union |= mask
+        assert np.array_equal(union, result.union_mask)
+    assert any(result.instances for result in results)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from runner_asserts import decode_rle
 
 from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, _passes, render_pairs
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
@@ -48,15 +49,39 @@ def test_no_masks_no_rle():
     assert encode_rle(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
 
 
-def _reference_pair(mask_logits, box, score, height, width, mask_threshold):
-    """One instance rendered alone, the plain way: resize its probabilities, threshold, encode on the host."""
-    probabilities = torch.nn.functional.interpolate(
-        mask_logits.float().sigmoid()[None, None], size=(height, width), mode="bilinear", align_corners=False
+def _meta_mask(mask_logits: torch.Tensor, height: int, width: int, mask_threshold: float) -> np.ndarray:
+    """Meta's rendering (sam3/model/sam3_image_processor.py, Sam3Processor._forward_grounding): resize the
+    logits bilinearly, sigmoid, threshold (Meta's threshold is 0.5; the others are mask_threshold's meaning)."""
+    resized = torch.nn.functional.interpolate(
+        mask_logits.float()[None, None], size=(height, width), mode="bilinear", align_corners=False
     )[0, 0]
-    mask = (probabilities > mask_threshold).numpy()
+    return (resized.sigmoid() > mask_threshold).numpy()
+
+
+def _reference_pair(mask_logits, box, score, height, width, mask_threshold):
+    """One instance rendered alone, the plain way: Meta's mask, encoded on the host by pycocotools."""
+    mask = _meta_mask(mask_logits, height, width, mask_threshold)
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     scaled = [min(max(v * s, 0.0), s) for v, s in zip(box.tolist(), (width, height, width, height), strict=True)]
     return mask, (round(float(score), 4), [round(v, 2) for v in scaled], int(mask.sum()), rle["counts"].decode())
+
+
+def _assert_rendered_like_the_reference(kept, sizes, mask_thresholds, rendered):
+    """Every pair holds the reference's non-empty instances, in order, and their union; nothing else."""
+    index = 0
+    for pair, count, (height, width), threshold in zip(rendered, kept.counts, sizes, mask_thresholds, strict=True):
+        union, expected = np.zeros((height, width), dtype=bool), []
+        for _ in range(count):
+            mask, instance = _reference_pair(
+                kept.mask_logits[index], kept.boxes[index], kept.scores[index], height, width, threshold
+            )
+            if mask.any():
+                expected.append(instance)
+            union |= mask
+            index += 1
+        got = [(round(i.score, 4), list(i.box), i.area, i.rle["counts"]) for i in pair.instances]
+        assert got == expected and all(i.rle["size"] == [height, width] for i in pair.instances)
+        assert pair.union_mask.shape == (height, width) and np.array_equal(pair.union_mask, union)
 
 
 @pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])  # the CPU's and the GPU's
@@ -76,20 +101,79 @@ def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
         mask_logits=torch.randn(total, 12, 12, generator=generator) * 3 - 4,  # small objects: unions differ
     )
     rendered = render_pairs(kept, sizes, mask_thresholds, per_pass)
+    assert sum(len(pair.instances) for pair in rendered) > total // 2
+    _assert_rendered_like_the_reference(kept, sizes, mask_thresholds, rendered)
 
-    assert [len(pair.instances) for pair in rendered] == counts
-    index = 0
-    for pair, (height, width), threshold in zip(rendered, sizes, mask_thresholds, strict=True):
-        union = np.zeros((height, width), dtype=bool)
-        for instance in pair.instances:
-            mask, expected = _reference_pair(
-                kept.mask_logits[index], kept.boxes[index], kept.scores[index], height, width, threshold
-            )
-            got = (round(instance.score, 4), list(instance.box), instance.area, instance.rle["counts"])
-            assert got == expected and instance.rle["size"] == [height, width]
-            union |= mask
-            index += 1
-        assert pair.union_mask.shape == (height, width) and np.array_equal(pair.union_mask, union)
+
+def _one_instance(mask_logits: torch.Tensor) -> KeptQueries:
+    return KeptQueries(
+        counts=[1], scores=torch.tensor([0.9]), boxes=torch.tensor([[0.0, 0.0, 1.0, 1.0]]), mask_logits=mask_logits
+    )
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+def test_mask_logits_are_resized_before_the_threshold_like_meta(per_pass):
+    """The issue's smallest case: logits [-20, 5] rendered 16 px wide. Meta (logits resized, then sigmoid > 0.5)
+    gives 10 background pixels then 6 object pixels; resizing probabilities gave 8 and 8."""
+    instance = render_pairs(_one_instance(torch.tensor([[[-20.0, 5.0]]])), [(1, 16)], [0.5], per_pass)[0].instances[0]
+    assert decode_rle(instance.rle)[0].astype(int).tolist() == [0] * 10 + [1] * 6
+    assert instance.area == 6
+
+
+def _disks(low_res: int, height: int, width: int) -> torch.Tensor:
+    """Smooth objects as SAM 3's mask head draws them: logits that grow with the distance inside a disk's edge
+    (4 per low-resolution pixel), disks of radius 5-120 output pixels at off-grid centres."""
+    scale_y, scale_x = height / low_res, width / low_res
+    ys = ((torch.arange(low_res) + 0.5) * scale_y)[:, None]
+    xs = ((torch.arange(low_res) + 0.5) * scale_x)[None, :]
+    disks = [(5.0, 101.3, 77.7), (8.0, 30.2, 500.9), (12.0, 400.4, 300.1), (23.0, 250.0, 700.3), (120.0, 350.7, 480.2)]
+    return torch.stack(
+        [4 * (radius - ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt()) / scale_x for radius, cy, cx in disks]
+    ).float()
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+def test_smooth_objects_render_exactly_like_meta_at_every_mask_threshold(per_pass):
+    """Masks, areas, RLE and union equal Meta's rendering (logits resized bilinearly, sigmoid, threshold) for
+    small and large disks; resizing probabilities instead shrinks or grows every edge."""
+    logits = _disks(288, 720, 960)
+    mask_thresholds = [0.5, 0.02, 0.3, 0.7, 0.98]
+    count = len(logits)
+    kept = KeptQueries(
+        counts=[count] * len(mask_thresholds),
+        scores=torch.linspace(0.9, 0.5, count).repeat(len(mask_thresholds)),
+        boxes=torch.tensor([[0.1, 0.2, 0.3, 0.4]]).repeat(count * len(mask_thresholds), 1),
+        mask_logits=logits.repeat(len(mask_thresholds), 1, 1),
+    )
+    sizes = [(720, 960)] * len(mask_thresholds)
+    rendered = render_pairs(kept, sizes, mask_thresholds, per_pass)
+    assert [len(pair.instances) for pair in rendered] == [count] * len(mask_thresholds)
+    _assert_rendered_like_the_reference(kept, sizes, mask_thresholds, rendered)
+
+
+def test_mask_threshold_0_takes_every_pixel_and_1_none():
+    """t = 0 and t = 1 are logits of -inf and +inf: every pixel, or an empty mask (no instance), never NaN."""
+    logits = torch.cat([_disks(72, 48, 64)[:1], torch.full((1, 72, 72), -200.0)])
+    kept = KeptQueries(
+        counts=[2, 2], scores=torch.tensor([0.9, 0.8] * 2), boxes=torch.rand(4, 4), mask_logits=logits.repeat(2, 1, 1)
+    )
+    every, none = render_pairs(kept, [(48, 64), (48, 64)], [0.0, 1.0], 1)
+    assert [instance.area for instance in every.instances] == [48 * 64] * 2 and every.union_mask.all()
+    assert none.instances == [] and not none.union_mask.any()
+
+
+def test_an_instance_whose_mask_is_empty_is_dropped():
+    """A query above the score threshold whose mask has no pixel at the image's size is no instance: a 1x1
+    image samples one point of the logits; only the masks that cover it come back."""
+    logits = torch.full((3, 8, 8), -5.0)
+    logits[0, 3:5, 3:5] = 5.0  # covers the centre, the one pixel a 1x1 image samples
+    logits[1, 0, 0] = 5.0  # positive logits elsewhere: an empty mask at 1x1
+    logits[2, 4, 4] = 30.0  # one strong logit beside the centre
+    kept = KeptQueries(counts=[3], scores=torch.tensor([0.9, 0.8, 0.7]), boxes=torch.rand(3, 4), mask_logits=logits)
+    pair = render_pairs(kept, [(1, 1)], [0.5], 1)[0]
+    assert [round(instance.score, 2) for instance in pair.instances] == [0.9, 0.7]
+    assert all(instance.area == 1 and decode_rle(instance.rle).all() for instance in pair.instances)
+    assert pair.union_mask.tolist() == [[True]]
 
 
 def test_a_pass_holds_fewer_masks_of_a_larger_image():

@@ -51,6 +51,23 @@ def test_an_item_that_cannot_be_prepared_fails_alone_and_not_as_the_model_being_
     }
 
 
+def test_a_box_may_run_past_the_right_and_bottom_edge_but_must_overlap_the_image(segmenter):
+    """x2 = 5000 on a 640-wide image is answered, with the box as drawn (not the clamped box's answer); a box that
+    starts at or past the right or bottom edge does not overlap the image: invalid_box for that item alone."""
+    image = encode(random_image(np.random.default_rng(7), 480, 640))
+
+    def item(*box: float) -> dict:
+        return make_item(image, [Prompt("car", boxes=(BoxPrompt(*box),), score_threshold=0.0)], 10**8)
+
+    outcomes = segmenter.segment(
+        [item(600, 400, 5000, 3000), item(600, 400, 640, 480), item(640, 10, 700, 20), item(10, 480, 20, 500)]
+    )
+    assert [o["ok"] for o in outcomes] == [True, True, False, False]
+    assert [o["error"]["code"] for o in outcomes[2:]] == ["invalid_box", "invalid_box"]
+    drawn, clamped = ([i["score"] for i in o["results"][0]["instances"]] for o in outcomes[:2])
+    assert drawn and not np.allclose(sorted(drawn), sorted(clamped), atol=1e-5)
+
+
 def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):
     engine = segmenter._engine
     real_run, calls = engine.run, []
