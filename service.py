@@ -7,21 +7,24 @@ Edge --X-API-Key--> Gateway: validate, row->processing, R2 download --> Sam3Mode
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from backend import redaction
 from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
-from backend.auth import ApiKeyMiddleware
+from backend.auth import API_KEY_SCHEME, DOCS_ASSETS_PREFIX, ApiKeyMiddleware
 from backend.errors import ApiError, error_response, validation_error_code
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
-from backend.wiring import build_store, build_task_store, check_auth
+from backend.wiring import build_store, build_task_store, check_auth, check_exposure, listening_hosts
 
 log = logging.getLogger("sam3.service")
 settings = get_settings()
@@ -29,11 +32,15 @@ redaction.install(settings.secrets())
 API_KEY = check_auth(settings)
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 500, 502, 503, 504)}
-api = FastAPI(
+KEYED = [Security(API_KEY_SCHEME)]  # documents X-API-Key on an operation (ApiKeyMiddleware enforces it)
+# FastAPIOffline: Swagger UI from the installed fastapi-offline package's files, no CDN (works offline).
+api = FastAPIOffline(
     title="SAM 3 inference backend",
     version="1.0.0",
     description="Segment every instance of a concept. The contract is docs/api-contract.md.",
     docs_url="/api/v1/docs",
+    static_url=DOCS_ASSETS_PREFIX,
+    swagger_ui_oauth2_redirect_url="/api/v1/docs/oauth2-redirect",
     openapi_url="/api/v1/openapi.json",
     redoc_url=None,
 )
@@ -52,6 +59,8 @@ async def _api_error(request: Request, exc: ApiError):
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 400:  # FastAPI could not read the body as JSON (e.g. bytes that are not UTF-8)
+        return error_response(400, "invalid_json", "the request body is not valid JSON (UTF-8 expected)")
     codes = {404: "not_found", 405: "method_not_allowed"}
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 
@@ -110,6 +119,7 @@ class Gateway:
     model = bentoml.depends(Sam3Model)
 
     def __init__(self) -> None:
+        _refuse_open_dev_server()
         self.pipeline = PredictPipeline(
             store=build_store(settings),
             tasks=build_task_store(settings),
@@ -120,16 +130,29 @@ class Gateway:
     async def _segment(self, item: dict) -> dict:
         return (await self.model.to_async.segment([item]))[0]
 
-    @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    # exclude_unset: an instance without `rle` (include_rle: false) answers without the key, not "rle": null
+    @api.post(
+        "/api/v1/predict",
+        response_model=PredictResponse,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+        dependencies=KEYED,
+    )
     async def predict(self, body: PredictRequest) -> dict:
         return await self.pipeline.predict(body)
 
-    @api.post("/api/v1/predict/batch", response_model=BatchPredictResponse, responses=ERRORS)
+    @api.post(
+        "/api/v1/predict/batch",
+        response_model=BatchPredictResponse,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+        dependencies=KEYED,
+    )
     async def predict_batch(self, body: BatchPredictRequest) -> dict:
         return await self.pipeline.predict_batch(body)
 
-    @api.get("/api/v1/info", responses=ERRORS)
-    @api.post("/api/v1/info", responses=ERRORS)
+    @api.get("/api/v1/info", responses=ERRORS, dependencies=KEYED)
+    @api.post("/api/v1/info", responses=ERRORS, dependencies=KEYED)
     async def info(self) -> dict:
         status = await self._model_status()
         if not status.get("model_loaded"):
@@ -165,6 +188,18 @@ class Gateway:
         except Exception as exc:  # the model service is down or restarting
             log.warning("model status unavailable: %s", type(exc).__name__)
             return {"state": "unavailable", "model_loaded": False, "gpu_available": False}
+
+
+def _refuse_open_dev_server() -> None:
+    """In a gateway worker: dev mode bound to a non-loopback address stops the whole server, not only this worker
+    (a worker that merely failed would be restarted by BentoML's supervisor, over and over)."""
+    try:
+        check_exposure(API_KEY, listening_hosts())
+    except RuntimeError as exc:
+        log.critical("%s", exc)
+        if bentoml.server_context.worker_index is not None:  # started by `bentoml serve`'s supervisor: stop it
+            os.kill(os.getppid(), signal.SIGTERM)
+        raise
 
 
 @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 MAX_PROMPT_CHARS = 256
 MAX_BATCH_PROMPTS = 32
@@ -15,6 +17,10 @@ MAX_INSTANCES = 200
 MAX_IMAGE_URL_CHARS = 2048
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Unicode categories that show nothing on their own: controls, format characters (zero-width space, joiners, BOM,
+# bidi marks, tags), separators (every kind of space, line and paragraph) and combining marks with no base letter
+# (variation selectors, the combining grapheme joiner).
+_BLANK_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
 
 
 class Box(BaseModel):
@@ -61,7 +67,17 @@ class PredictOptions(BaseModel):
 
 
 def _clean_prompt(value: str) -> str:
-    return _CONTROL_CHARACTERS.sub(" ", value).strip()
+    """Control characters become spaces and the ends are trimmed; a prompt with nothing visible is empty ("").
+    Text that shows something keeps its joiners and marks (emoji ZWJ sequences, Arabic and Indic joiners).
+    Raises ValueError for text that is not Unicode (a lone surrogate, which JSON's \\uD800 escapes can carry)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a prompt must be valid Unicode text (it has a lone surrogate)") from None
+    cleaned = _CONTROL_CHARACTERS.sub(" ", value).strip()
+    if all(unicodedata.category(character) in _BLANK_CATEGORIES for character in cleaned):
+        return ""
+    return cleaned
 
 
 class PredictRequest(PredictOptions):
@@ -98,7 +114,12 @@ class InstanceOut(BaseModel):
     score: float
     box: list[float] = Field(description="xyxy in original-image pixels")
     area: int = Field(description="pixels in the instance's mask; at least 1 (an empty mask is no instance)")
-    rle: dict | None = Field(None, description="COCO RLE {size: [h, w], counts: str}")
+    # absent (not null) when the request says include_rle: false; the schema says so (optional, never null)
+    rle: dict | SkipJsonSchema[None] = Field(
+        None,
+        description="COCO RLE {size: [h, w], counts: str}; absent when include_rle is false",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class ImageSize(BaseModel):

@@ -1,11 +1,21 @@
-"""X-API-Key on every gateway route except health and metrics, compared in constant time."""
+"""X-API-Key on every gateway route except health, metrics and the docs page's static assets, compared in constant
+time."""
 
 from __future__ import annotations
 
 import hmac
 import json
 
+from fastapi.security import APIKeyHeader
+
 OPEN_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
+# Swagger UI's own JS, CSS and icon: public static files, so the docs page renders in a browser (served from the
+# installed fastapi-offline package; the page itself and openapi.json still need the key).
+DOCS_ASSETS_PREFIX = "/api/v1/docs/assets"
+# Declares the key in the OpenAPI schema (Swagger's "Authorize" button). It checks nothing: ApiKeyMiddleware does.
+API_KEY_SCHEME = APIKeyHeader(
+    name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="The API_SECRET_KEY the Edge function sends"
+)
 _UNAUTHORIZED = json.dumps(
     {"error": {"code": "unauthorized", "message": "missing or invalid X-API-Key header"}}
 ).encode()
@@ -35,6 +45,8 @@ class ApiKeyMiddleware:
         if self._key is None or scope["type"] != "http":
             return True
         if scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+            return True
+        if scope["method"] in ("GET", "HEAD") and scope["path"].startswith(DOCS_ASSETS_PREFIX + "/"):
             return True
         supplied = next((value for name, value in scope["headers"] if name == b"x-api-key"), b"")
         return hmac.compare_digest(supplied, self._key)

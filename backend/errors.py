@@ -81,6 +81,10 @@ def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
     where = ".".join(str(part) for part in location)
     if first.get("type") == "json_invalid":
         return 400, "invalid_json", "the request body is not valid JSON"
+    if not location and first.get("type") == "missing":  # FastAPI's word for an empty body
+        return 400, "invalid_json", "the request body is empty: send a JSON object"
+    if not location and isinstance(first.get("input"), bytes):  # not sent as JSON: FastAPI kept the raw bytes
+        return 400, "invalid_json", "the request body is not JSON: send it with Content-Type: application/json"
     if not location:
         if first.get("type") == "model_attributes_type":
             return 422, "invalid_request", "the body must be a JSON object sent with Content-Type: application/json"

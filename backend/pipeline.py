@@ -195,7 +195,7 @@ def _body(request, label, result, key, url, inference_ms, timings) -> dict:
             "score": round(instance["score"], 6),
             "box": instance["box"],
             "area": instance["area"],
-            "rle": instance["rle"] if request.include_rle else None,
+            **({"rle": instance["rle"]} if request.include_rle else {}),
         }
         for instance in result["instances"]
     ]
@@ -215,7 +215,9 @@ def _body(request, label, result, key, url, inference_ms, timings) -> dict:
 
 
 def _without_rle(body: dict) -> dict:
-    return {**body, "instances": [{**instance, "rle": None} for instance in body["instances"]]}
+    """The row keeps no RLE (the mask PNG has the pixels): the key is dropped, as include_rle: false does."""
+    instances = [{key: value for key, value in instance.items() if key != "rle"} for instance in body["instances"]]
+    return {**body, "instances": instances}
 
 
 def _drop(task: asyncio.Task) -> None:

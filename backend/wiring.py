@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Iterable
+
+import psutil
 
 from backend.settings import Settings
 from storage import LocalStorage, ObjectStore, R2Storage
@@ -52,3 +56,24 @@ def check_auth(settings: Settings) -> str | None:
         raise RuntimeError("SAM3_ENV=production requires API_SECRET_KEY: refusing to start without authentication")
     log.warning("!!! API_SECRET_KEY is empty: DEV MODE, every request is accepted without X-API-Key")
     return None
+
+
+def check_exposure(api_key: str | None, hosts: Iterable[str]) -> None:
+    """Dev mode (no key) serves loopback only: refuses to start listening where another machine can connect.
+
+    `hosts` are the IP addresses the server listens on; 0.0.0.0 and :: mean every interface. Raises RuntimeError.
+    """
+    exposed = sorted({host for host in hosts if not ipaddress.ip_address(host).is_loopback})
+    if api_key is None and exposed:
+        raise RuntimeError(
+            f"DEV MODE (API_SECRET_KEY is empty) refuses to listen on {', '.join(exposed)}: anyone who can reach this "
+            "machine could use the API without a key. Bind 127.0.0.1 (make serve; bentoml serve --host 127.0.0.1) "
+            "or set API_SECRET_KEY"
+        )
+
+
+def listening_hosts() -> list[str]:
+    """The IP addresses this process accepts TCP connections on: in a BentoML worker, the server socket that
+    `bentoml serve --host/--port` bound (whatever set it: the flag, BENTOML_HOST, a config file)."""
+    connections = psutil.Process().net_connections(kind="inet")
+    return [connection.laddr.ip for connection in connections if connection.status == psutil.CONN_LISTEN]

@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 class ServedBento:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -43,7 +44,7 @@ class ServedBento:
             "serve",
             "service:Gateway",
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
         ]

@@ -54,7 +54,15 @@ def test_bento_image_is_cuda_capable_with_the_model_stack(bento):
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM nvidia/cuda:" in dockerfile
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    for package in ("torch", "torchvision", "transformers==5.17.0", "pycocotools", "boto3", "supabase"):
+    for package in (
+        "torch",
+        "torchvision",
+        "transformers==5.17.0",
+        "pycocotools",
+        "boto3",
+        "supabase",
+        "fastapi-offline",
+    ):
         assert package in requirements
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
+import json
 import re
 import uuid
 
@@ -128,7 +130,7 @@ def test_batch_round_trip(server, storage_dir, image_key):
     for index, prompt_result in enumerate(result["results"]):
         assert prompt_result["mask_key"] == f"masks/user-1/{request['task_id']}/{index}.png"
         assert (storage_dir / prompt_result["mask_key"]).is_file()
-        assert prompt_result["num_instances"] == 3 and all(i["rle"] is None for i in prompt_result["instances"])
+        assert prompt_result["num_instances"] == 3 and all("rle" not in i for i in prompt_result["instances"])
     assert result["total_inference_time_ms"] > 0
     per_prompt = [np.array(Image.open(storage_dir / r["mask_key"])) == 255 for r in result["results"]]
     combined = np.array(Image.open(storage_dir / result["mask_key"])) == 255
@@ -272,6 +274,131 @@ def test_malformed_json_is_400(server):
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("path", ["/api/v1/predict", "/api/v1/predict/batch"])
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b"", "application/json"),
+        (b"", None),
+        (b"cat", "text/plain"),
+        (b"cat", None),
+        (b'{"text_prompt": "cat"}', "text/plain"),
+        ('{"text_prompt": "caf\u00e9"}'.encode("latin-1"), "application/json"),
+    ],
+)
+def test_a_body_that_is_not_json_is_400_invalid_json(server, path, content, content_type):
+    headers = {**HEADERS, "Content-Type": content_type} if content_type else HEADERS
+    response = httpx.post(f"{server.url}{path}", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json" and response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content", [b"null", b"[]", b'"cat"'])
+def test_json_that_is_not_an_object_is_422_invalid_request(server, content):
+    headers = {**HEADERS, "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/api/v1/predict", content=content, headers=headers)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+
+
+def test_include_rle_false_drops_the_field(server, image_key):
+    without = post(server, "/api/v1/predict", body(image_key, threshold=0.0, max_instances=2, include_rle=False))
+    assert without.status_code == 200 and without.json()["num_instances"] == 2
+    assert all(set(i) == {"label", "score", "box", "area"} for i in without.json()["instances"])
+    with_rle = post(server, "/api/v1/predict", body(image_key, threshold=0.0, max_instances=2))
+    assert all(set(i) == {"label", "score", "box", "area", "rle"} for i in with_rle.json()["instances"])
+
+
+INVISIBLE = [
+    "\u200b",
+    "\u2060",
+    "\ufeff",
+    "\u200b \u200c\u200d",
+    " \u00a0\u3000\t",
+    "\u2028\u2029",
+    "\u180e\ufe0f",
+    "\u00ad\n",
+]
+
+
+@pytest.mark.parametrize("prompt", INVISIBLE)
+def test_a_prompt_with_nothing_visible_is_empty(server, prompt):
+    single = post(server, "/api/v1/predict", {**body("images/street.jpg"), "text_prompt": prompt})
+    assert single.status_code == 422 and single.json()["error"]["code"] == "missing_prompt", single.text
+    request = {**body("images/street.jpg"), "prompts": ["car", prompt]}
+    batch = post(server, "/api/v1/predict/batch", request)
+    assert batch.status_code == 422 and batch.json()["error"]["code"] == "invalid_prompts", batch.text
+
+
+@pytest.mark.parametrize(
+    ("path", "prompt", "code"),
+    [
+        ("/api/v1/predict", '"text_prompt": "\\ud800"', "invalid_prompt"),
+        ("/api/v1/predict/batch", '"prompts": ["cat\\udfff"]', "invalid_prompts"),
+    ],
+)
+def test_a_prompt_that_is_not_unicode_is_422(server, path, prompt, code):
+    """A lone surrogate, as a JSON escape: a clear 422, not a failure in the model (the batch answered 500)."""
+    content = f'{{"image_url": "images/street.jpg", "user_id": "u", "task_id": "{TASK}", {prompt}}}'
+    headers = {**HEADERS, "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}{path}", content=content, headers=headers)
+    assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text
+
+
+@pytest.mark.parametrize(
+    "prompt", ["\U0001f469\u200d\U0001f469\u200d\U0001f467", "\u0645\u200c\u0627", "\u0915\u094d\u200d"]
+)
+def test_text_with_joiners_is_kept_as_sent(server, image_key, prompt):
+    response = post(server, "/api/v1/predict", body(image_key, text_prompt=prompt, threshold=0.0, max_instances=1))
+    assert response.status_code == 200, response.text
+    assert response.json()["labels"] == [prompt]
+
+
+def test_openapi_declares_the_api_key(server):
+    schema = httpx.get(f"{server.url}/api/v1/openapi.json", headers=HEADERS).json()
+    ((name, scheme),) = schema["components"]["securitySchemes"].items()
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
+    operations = [("/api/v1/predict", "post"), ("/api/v1/predict/batch", "post")]
+    operations += [("/api/v1/info", "get"), ("/api/v1/info", "post")]
+    for path, method in operations:
+        assert schema["paths"][path][method]["security"] == [{name: []}], (path, method)
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_openapi_says_rle_is_optional_not_null(server):
+    schema = httpx.get(f"{server.url}/api/v1/openapi.json", headers=HEADERS).json()
+    instance = schema["components"]["schemas"]["InstanceOut"]
+    assert "rle" not in instance["required"] and set(instance["required"]) == {"label", "score", "box", "area"}
+    assert instance["properties"]["rle"]["type"] == "object" and "anyOf" not in instance["properties"]["rle"]
+
+
+def test_swagger_page_loads_its_assets_from_the_server_without_a_key(server):
+    assert httpx.get(f"{server.url}/api/v1/docs").status_code == 401  # the page itself needs the key
+    page = httpx.get(f"{server.url}/api/v1/docs", headers=HEADERS)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert urls and all(url.startswith("/") and not url.startswith("//") for url in urls), urls
+    assert "http://" not in page.text and "https://" not in page.text
+    kinds = {}
+    for url in urls:
+        asset = httpx.get(f"{server.url}{url}")  # no key: the browser sends it only through "Authorize"
+        assert asset.status_code == 200, url
+        kinds[url.rsplit(".", 1)[-1]] = (asset.headers["content-type"], len(asset.content))
+    assert kinds["js"][0].startswith("text/javascript") and kinds["js"][1] > 100_000
+    assert kinds["css"][0].startswith("text/css") and kinds["css"][1] > 10_000
+    assert "'/api/v1/openapi.json'" in page.text
+
+
+def test_the_open_assets_prefix_reaches_nothing_else(server):
+    """Paths sent as written (http.client does not resolve dot segments, as httpx and browsers do)."""
+    for raw in ("/api/v1/docs/assets/../../info", "/api/v1/docs/assets/%2e%2e/%2e%2e/info", "/api/v1/docs/assets/x"):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("GET", raw)
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert response.status == 404 and answer["error"]["code"] == "not_found", (raw, answer)
+
+
 def test_32_concurrent_requests_are_batched_without_errors(server, image_key):
     """Two gateway processes feed the one model worker; its batches still form."""
     assert (server.workers("sam3-gateway"), server.workers("sam3-model")) == (2, 1)
@@ -307,3 +434,13 @@ def test_unknown_routes_and_methods_get_the_error_shape(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong_method = httpx.delete(f"{server.url}/api/v1/predict", headers=HEADERS)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_dev_mode_refuses_to_serve_on_every_interface(tmp_path):
+    """`bentoml serve --host 0.0.0.0` with no API_SECRET_KEY: the server stops before it answers anything."""
+    bento = ServedBento({"API_SECRET_KEY": "", "LOCAL_STORAGE_DIR": str(tmp_path)}, tmp_path / "serve.log", "0.0.0.0")
+    with pytest.raises(RuntimeError, match="bentoml serve exited"):
+        bento.start(timeout_s=90)
+    assert "DEV MODE (API_SECRET_KEY is empty) refuses to listen on 0.0.0.0" in bento.log()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{bento.url}/health", timeout=2)

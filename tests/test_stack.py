@@ -82,6 +82,18 @@ def test_batch_end_to_end(stack_server, r2, supabase, bucket):
     assert row["status"] == "completed" and len(row["labels"]) == 4
 
 
+@pytest.mark.parametrize("include_rle", [True, False])
+def test_the_row_keeps_no_rle_and_include_rle_false_drops_it_from_the_response(stack_server, supabase, include_rle):
+    task_id, user_id = new_task_row(supabase)
+    request = {"image_url": "images/in.jpg", "prompts": ["car"], "user_id": user_id, "task_id": task_id}
+    options = {"threshold": 0.0, "max_instances": 2, "include_rle": include_rle}
+    response = predict(stack_server, {**request, **options}, "/api/v1/predict/batch")
+    assert response.status_code == 200, response.text
+    assert all(("rle" in instance) == include_rle for instance in response.json()["results"][0]["instances"])
+    row_instances = task_row(supabase, task_id)["result"]["results"][0]["instances"]
+    assert len(row_instances) == 2 and all(set(i) == {"label", "score", "box", "area"} for i in row_instances)
+
+
 def test_same_task_twice_is_idempotent(stack_server, r2, supabase, bucket):
     task_id, user_id = new_task_row(supabase)
     request = {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id}
