@@ -1,5 +1,4 @@
-"""X-API-Key on every gateway route except health, metrics and the docs page's static assets, compared in constant
-time."""
+"""X-API-Key on every gateway route except health, metrics and the API's documentation, compared in constant time."""
 
 from __future__ import annotations
 
@@ -9,8 +8,10 @@ import json
 from fastapi.security import APIKeyHeader
 
 OPEN_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
-# Swagger UI's own JS, CSS and icon: public static files, so the docs page renders in a browser (served from the
-# installed fastapi-offline package; the page itself and openapi.json still need the key).
+# The documentation is public (GET/HEAD only), so a browser can open Swagger UI and send the key through its
+# "Authorize" button: the page, the schema (it holds no secret) and Swagger UI's own JS, CSS and icon, served from
+# the installed fastapi-offline package. Every operation the page calls still needs the key.
+DOCS_PATHS = frozenset({"/api/v1/docs", "/api/v1/openapi.json"})
 DOCS_ASSETS_PREFIX = "/api/v1/docs/assets"
 # Declares the key in the OpenAPI schema (Swagger's "Authorize" button). It checks nothing: ApiKeyMiddleware does.
 API_KEY_SCHEME = APIKeyHeader(
@@ -46,7 +47,9 @@ class ApiKeyMiddleware:
             return True
         if scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
             return True
-        if scope["method"] in ("GET", "HEAD") and scope["path"].startswith(DOCS_ASSETS_PREFIX + "/"):
+        if scope["method"] in ("GET", "HEAD") and (
+            scope["path"] in DOCS_PATHS or scope["path"].startswith(DOCS_ASSETS_PREFIX + "/")
+        ):
             return True
         supplied = next((value for name, value in scope["headers"] if name == b"x-api-key"), b"")
         return hmac.compare_digest(supplied, self._key)
