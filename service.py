@@ -18,6 +18,7 @@ from backend import redaction
 from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
 from backend.auth import ApiKeyMiddleware
 from backend.errors import ApiError, error_response, validation_error_code
+from backend.model_client import ModelClient
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
@@ -28,7 +29,7 @@ settings = get_settings()
 redaction.install(settings.secrets())
 API_KEY = check_auth(settings)
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 500, 502, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 429, 500, 502, 503, 504)}
 api = FastAPI(
     title="SAM 3 inference backend",
     version="1.0.0",
@@ -113,12 +114,9 @@ class Gateway:
         self.pipeline = PredictPipeline(
             store=build_store(settings),
             tasks=build_task_store(settings),
-            segment=self._segment,
+            model=ModelClient(self.model.to_async, settings.model_timeout_s, retry_after_s=settings.retry_after_s),
             limits=Limits(settings.max_image_bytes, settings.max_image_pixels),
         )
-
-    async def _segment(self, item: dict) -> dict:
-        return (await self.model.to_async.segment([item]))[0]
 
     @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(self, body: PredictRequest) -> dict:

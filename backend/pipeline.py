@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
 from backend.errors import MODEL_ERROR_STATUS, ApiError, to_api_error
@@ -24,8 +24,14 @@ from tasks import TaskResult, TaskStore
 
 log = logging.getLogger(__name__)
 
-SegmentCall = Callable[[dict], Awaitable[dict]]
 CANCELLED = "cancelled: the request ended before a result"
+
+
+class ModelService(Protocol):
+    """The model service as the pipeline sees it (backend/model_client.py over BentoML; in process in tests)."""
+
+    async def segment(self, item: dict) -> dict:
+        """The item's outcome (`ok` or a failure); a failed call raises the contract's ApiError."""
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,10 @@ class Limits:
 
 
 class PredictPipeline:
-    def __init__(self, store: ObjectStore, tasks: TaskStore, segment: SegmentCall, limits: Limits) -> None:
+    def __init__(self, store: ObjectStore, tasks: TaskStore, model: ModelService, limits: Limits) -> None:
         self.store = store
         self.tasks = tasks
-        self.segment = segment
+        self.model = model
         self.limits = limits
 
     async def predict(self, request: PredictRequest) -> dict:
@@ -151,11 +157,7 @@ class PredictPipeline:
         return bodies, summary
 
     async def _call_model(self, item: dict) -> dict:
-        try:
-            outcome = await self.segment(item)
-        except Exception as exc:  # the model service's client raises transport errors of many kinds
-            log.error("the model service call failed: %s", type(exc).__name__)
-            raise ApiError(503, "model_unavailable", "the model service is unavailable; retry shortly") from None
+        outcome = await self.model.segment(item)
         if not outcome["ok"]:
             code, message = outcome["error"]["code"], outcome["error"]["message"]
             raise ApiError(MODEL_ERROR_STATUS.get(code, 500), code, message)

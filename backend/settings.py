@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         return self.sam3_env.lower() in ("production", "prod")
+
+    @property
+    def retry_after_s(self) -> int:
+        """The Retry-After of a 429 model_busy: the batch queue sheds requests whose predicted wait exceeds
+        MAX_LATENCY_MS, so about that long drains it."""
+        return max(1, math.ceil(self.max_latency_ms / 1000))
 
     @property
     def r2_configured(self) -> bool:

@@ -1,0 +1,101 @@
+"""Heavy requests under a real `bentoml serve` with the R2 and Supabase stand-ins (demo model, this CPU): what the
+caller gets when the model is slow, overloaded or abandoned, and what the row says."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from served import ServedBento
+from stack import STACK_API_KEY, new_task_row, r2_settings, supabase_settings, task_row
+
+pytestmark = [pytest.mark.served, pytest.mark.stack]
+
+HEADERS = {"X-API-Key": STACK_API_KEY}
+MODEL_TIMEOUT_S = 2
+# 6000x4000, one prompt, every demo query kept: ~14 s of mask post-processing on the 2-core CPU, 7x the timeout.
+SLOW = {"image_url": "images/huge.jpg", "text_prompt": "car", "threshold": 0.0, "max_instances": 8}
+
+
+def gradient_jpeg(width: int, height: int) -> bytes:
+    """A photo-sized JPEG that stays small (a smooth gradient), so MAX_IMAGE_BYTES is not what refuses it."""
+    x = np.linspace(0, 255, width, dtype=np.float32)
+    y = np.linspace(0, 255, height, dtype=np.float32)
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[..., 0] = x[None, :]
+    pixels[..., 1] = y[:, None]
+    pixels[..., 2] = 128
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(r2, bucket):
+    for key, size in {"images/huge.jpg": (6000, 4000), "images/small.jpg": (320, 240)}.items():
+        bucket.put_object(Bucket=r2["R2_BUCKET"], Key=key, Body=gradient_jpeg(*size), ContentType="image/jpeg")
+
+
+@pytest.fixture(scope="module")
+def impatient(r2, supabase, images, tmp_path_factory):
+    """MODEL_TIMEOUT_S=2, and a batch queue that sheds a request as soon as it would wait (MAX_LATENCY_MS=10)."""
+    env = {
+        **r2_settings(r2),
+        **supabase_settings(supabase),
+        "API_SECRET_KEY": STACK_API_KEY,
+        "MODEL_TIMEOUT_S": str(MODEL_TIMEOUT_S),
+        "MAX_LATENCY_MS": "10",
+    }
+    bento = ServedBento(env, tmp_path_factory.mktemp("impatient") / "serve.log").start()
+    yield bento
+    bento.stop()
+
+
+def request(supabase, **fields) -> dict:
+    task_id, user_id = new_task_row(supabase)
+    return {"image_url": "images/small.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id, **fields}
+
+
+def wait_until_idle(server, supabase) -> None:
+    """Work an earlier test abandoned may still hold the model: wait until a small request is served."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        response = httpx.post(f"{server.url}/api/v1/predict", json=request(supabase), headers=HEADERS, timeout=60)
+        if response.status_code == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the model never became idle")
+
+
+def test_a_request_slower_than_the_model_timeout_is_504_inference_timeout(impatient, supabase):
+    wait_until_idle(impatient, supabase)
+    body = request(supabase, **SLOW)
+    response = httpx.post(f"{impatient.url}/api/v1/predict", json=body, headers=HEADERS, timeout=120)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "inference_timeout"
+    assert "MODEL_TIMEOUT_S" in response.json()["error"]["message"]
+    row = task_row(supabase, body["task_id"])
+    assert row["status"] == "failed" and row["error_message"].startswith("inference_timeout")
+
+
+def test_requests_the_model_cannot_queue_are_429_model_busy_with_retry_after(impatient, supabase):
+    wait_until_idle(impatient, supabase)
+    bodies = [request(supabase) for _ in range(16)]
+
+    async def burst():
+        async with httpx.AsyncClient(headers=HEADERS, timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{impatient.url}/api/v1/predict", json=b) for b in bodies))
+
+    responses = asyncio.run(burst())
+    assert {response.status_code for response in responses} <= {200, 429}
+    busy = [(body, response) for body, response in zip(bodies, responses, strict=True) if response.status_code == 429]
+    assert busy, "16 concurrent requests with MAX_LATENCY_MS=10 must shed some"
+    body, response = busy[0]
+    assert response.json()["error"]["code"] == "model_busy" and response.headers["Retry-After"] == "1"
+    row = task_row(supabase, body["task_id"])
+    assert row["status"] == "failed" and row["error_message"].startswith("model_busy")
