@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, _passes, render_pairs
+from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, MaskRenderer, _passes, render_pairs
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
 
 
@@ -59,11 +59,7 @@ def _reference_pair(mask_logits, box, score, height, width, mask_threshold):
     return mask, (round(float(score), 4), [round(v, 2) for v in scaled], int(mask.sum()), rle["counts"].decode())
 
 
-@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])  # the CPU's and the GPU's
-def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
-    """Prompts of two image sizes, with their own mask thresholds, none or many instances (passes that hold
-    several prompts, prompts spread over several passes): every instance and union is what rendering that
-    instance alone gives."""
+def _prompts_of_two_sizes() -> tuple[KeptQueries, list[tuple[int, int]], list[float]]:
     generator = torch.Generator().manual_seed(3)
     counts = [0, 5, MASKS_PER_GPU_PASS + 7, 1, 0, 2]
     sizes = [(30, 50), (30, 50), (30, 50), (41, 23), (41, 23), (30, 50)]
@@ -75,6 +71,16 @@ def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
         boxes=torch.rand(total, 4, generator=generator) * 1.2 - 0.1,  # some outside the image: clamped
         mask_logits=torch.randn(total, 12, 12, generator=generator) * 3 - 4,  # small objects: unions differ
     )
+    return kept, sizes, mask_thresholds
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])  # the CPU's and the GPU's
+def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
+    """Prompts of two image sizes, with their own mask thresholds, none or many instances (passes that hold
+    several prompts, prompts spread over several passes): every instance and union is what rendering that
+    instance alone gives."""
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    counts = kept.counts
     rendered = render_pairs(kept, sizes, mask_thresholds, per_pass)
 
     assert [len(pair.instances) for pair in rendered] == counts
@@ -97,3 +103,43 @@ def test_a_pass_holds_fewer_masks_of_a_larger_image():
     full_hd, huge = (1080, 1920), (7071, 7071)
     passes = _passes([full_hd] * 40 + [huge] * 3, MASKS_PER_GPU_PASS)
     assert passes == [(0, 32), (32, 40), (40, 41), (41, 42), (42, 43)]
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+@pytest.mark.parametrize("max_pixels", [1, 30 * 50, 5 * 30 * 50, 10**9])  # one pass per slice ... all in one
+def test_rendering_in_slices_gives_what_rendering_in_one_go_gives(per_pass, max_pixels):
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    whole = render_pairs(kept, sizes, mask_thresholds, per_pass)
+    renderer = MaskRenderer(kept, sizes, mask_thresholds, per_pass)
+    slices = []
+    while not renderer.done:
+        slices.append(renderer.render(max_pixels))
+    sliced = renderer.result()
+    assert [pair.instances for pair in sliced] == [pair.instances for pair in whole]
+    for got, want in zip(sliced, whole, strict=True):
+        assert got.union_mask.dtype == want.union_mask.dtype and np.array_equal(got.union_mask, want.union_mask)
+    mask_sizes = [size for size, count in zip(sizes, kept.counts, strict=True) for _ in range(count)]
+    assert sum(slices) == sum(height * width for height, width in mask_sizes)
+    passes = _passes(mask_sizes, per_pass)
+    largest_pass = max((stop - start) * mask_sizes[start][0] * mask_sizes[start][1] for start, stop in passes)
+    assert all(pixels <= max(max_pixels, largest_pass) for pixels in slices)
+    if max_pixels == 1:
+        assert len(slices) == len(passes)  # a slice renders at least one pass
+
+
+def test_a_dropped_pair_is_no_longer_rendered_and_the_others_are_unchanged():
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    whole = render_pairs(kept, sizes, mask_thresholds, 1)
+    renderer = MaskRenderer(kept, sizes, mask_thresholds, 1)
+    first = renderer.render(1)  # pair 1's first mask
+    renderer.drop({2})
+    rest = 0
+    while not renderer.done:
+        rest += renderer.render(1)
+    result = renderer.result()
+    assert result[2] is None
+    assert [pair.instances for index, pair in enumerate(result) if index != 2] == [
+        pair.instances for index, pair in enumerate(whole) if index != 2
+    ]
+    all_pixels = sum(height * width * count for (height, width), count in zip(sizes, kept.counts, strict=True))
+    assert first + rest == all_pixels - kept.counts[2] * sizes[2][0] * sizes[2][1]
