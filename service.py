@@ -17,6 +17,7 @@ from starlette.routing import Match
 from backend import redaction
 from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
 from backend.auth import ApiKeyMiddleware
+from backend.disconnect import until_disconnected
 from backend.errors import ApiError, error_response, validation_error_code
 from backend.model_client import ModelClient
 from backend.pipeline import Limits, PredictPipeline
@@ -86,8 +87,14 @@ class Sam3Model:
     def segment(self, items: list[dict]) -> list[dict]:
         return self.segmenter.segment(items)
 
+    # The APIs below are async on purpose: BentoML runs sync APIs one at a time on the thread that also runs the
+    # batches (its `threads` limiter, 1), so a sync status or cancel would wait for the running batch to end.
     @bentoml.api
-    def status(self) -> dict:
+    async def cancel(self, request_ids: list[str]) -> None:
+        self.segmenter.cancel(request_ids)
+
+    @bentoml.api
+    async def status(self) -> dict:
         return self.segmenter.status()
 
 
@@ -119,12 +126,12 @@ class Gateway:
         )
 
     @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(self, body: PredictRequest) -> dict:
-        return await self.pipeline.predict(body)
+    async def predict(self, body: PredictRequest, request: Request) -> dict:
+        return await until_disconnected(request, self.pipeline.predict(body))
 
     @api.post("/api/v1/predict/batch", response_model=BatchPredictResponse, responses=ERRORS)
-    async def predict_batch(self, body: BatchPredictRequest) -> dict:
-        return await self.pipeline.predict_batch(body)
+    async def predict_batch(self, body: BatchPredictRequest, request: Request) -> dict:
+        return await until_disconnected(request, self.pipeline.predict_batch(body))
 
     @api.get("/api/v1/info", responses=ERRORS)
     @api.post("/api/v1/info", responses=ERRORS)

@@ -15,7 +15,10 @@ BentoML's client (1.4.40, `_bentoml_impl/client/http.py`) fails in four ways; ea
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +26,7 @@ import httpx
 from bentoml.exceptions import BentoMLException
 
 from backend.errors import ApiError
+from backend.protocol import addressed
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +38,35 @@ class ModelClient:
         self._remote = remote
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s
+        self._cancels: set[asyncio.Task] = set()
 
     async def segment(self, item: dict) -> dict:
-        """One item through the batched API: the model service's outcome, or the contract's ApiError."""
+        """One item through the batched API: the model service's outcome, or the contract's ApiError.
+
+        The item goes with a request id and a deadline (now + MODEL_TIMEOUT_S); if this call is cancelled (the
+        caller disconnected, the request timed out, shutdown), the model service is told to stop the item.
+        """
+        request_id = uuid.uuid4().hex
+        sent = addressed(item, request_id, time.time() + self._timeout_s)
         try:
-            return (await self._remote.segment([item]))[0]
+            return (await self._remote.segment([sent]))[0]
+        except asyncio.CancelledError:
+            self._cancel_soon([request_id])
+            raise
         except Exception as exc:  # the client raises transport and HTTP errors of many kinds
             raise self._error(exc) from None
+
+    def _cancel_soon(self, request_ids: list[str]) -> None:
+        """Fire and forget, in a task of its own: the cancellation that brought us here must not stop it."""
+        task = asyncio.get_running_loop().create_task(self._cancel(request_ids))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, request_ids: list[str]) -> None:
+        try:
+            await self._remote.cancel(request_ids=request_ids)
+        except Exception as exc:  # the item's deadline still bounds the work: log and move on
+            log.warning("could not cancel %d model request(s): %s", len(request_ids), type(exc).__name__)
 
     def _error(self, exc: Exception) -> ApiError:
         """A failed call -> the contract's error (see the module docstring)."""

@@ -87,9 +87,9 @@ class PredictPipeline:
         download = asyncio.ensure_future(self._download(request.image_url))
         try:
             await self._guard(self.tasks.mark_processing(request.task_id))
-        except asyncio.CancelledError:  # the update may have landed: the row must not stay processing
+        except asyncio.CancelledError as cancelled:  # the update may have landed: the row must not stay processing
             _drop(download)
-            await asyncio.shield(self._record_failure(request.task_id, CANCELLED))
+            await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
             raise
         except BaseException:  # the row could not be marked (missing, Supabase down): nothing to record
             _drop(download)
@@ -102,8 +102,8 @@ class PredictPipeline:
         except ApiError as error:
             await self._record_failure(request.task_id, f"{error.code}: {error.message}")
             raise
-        except asyncio.CancelledError:
-            await asyncio.shield(self._record_failure(request.task_id, CANCELLED))
+        except asyncio.CancelledError as cancelled:
+            await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
             raise
         except Exception:
             log.exception("task %s failed unexpectedly", request.task_id)
@@ -218,6 +218,11 @@ def _body(request, label, result, key, url, inference_ms, timings) -> dict:
 
 def _without_rle(body: dict) -> dict:
     return {**body, "instances": [{**instance, "rle": None} for instance in body["instances"]]}
+
+
+def _cancelled_message(cancelled: asyncio.CancelledError) -> str:
+    """The row's message: the reason the canceller gave (e.g. the client disconnected), when it gave one."""
+    return f"cancelled: {cancelled.args[0]}" if cancelled.args and cancelled.args[0] else CANCELLED
 
 
 def _drop(task: asyncio.Task) -> None:

@@ -11,9 +11,11 @@ from functools import partial
 
 import torch
 
+from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, abandoned
 from backend.protocol import failure, item_prompts, success
 from backend.settings import Settings
 from sam3_runner import (
+    Abandoned,
     DecodedImage,
     ImageDecodeError,
     ImageTooLarge,
@@ -30,6 +32,8 @@ from sam3_runner.loading import check_weights_reference
 
 log = logging.getLogger(__name__)
 
+CLOCK_MARGIN_S = 10  # a cancel is remembered this much past MODEL_TIMEOUT_S, for clocks a little apart
+
 
 class Segmenter:
     def __init__(self, settings: Settings, worker_index: int = 1) -> None:
@@ -40,6 +44,9 @@ class Segmenter:
         self._load_error: str | None = None
         self._batches = 0
         self._largest_batch = 0
+        self._cancelled = CancelledRequests(settings.model_timeout_s + CLOCK_MARGIN_S)
+        self._stopped_early = {CANCELLED: 0, TIMED_OUT: 0}
+        self._counters = threading.Lock()
         self._decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
         self._loader.start()
@@ -54,7 +61,12 @@ class Segmenter:
         status = {"state": state, "model_loaded": engine is not None, "gpu_available": torch.cuda.is_available()}
         if self._load_error:
             status["error"] = self._load_error
-        status["batching"] = {"batches": self._batches, "largest_batch": self._largest_batch}
+        status["batching"] = {
+            "batches": self._batches,
+            "largest_batch": self._largest_batch,
+            "cancelled": self._stopped_early[CANCELLED],
+            "timed_out": self._stopped_early[TIMED_OUT],
+        }
         if engine:
             status["info"] = engine.loaded.info()
             status["acceleration"] = {**engine.acceleration, "jpeg_decode": self._settings.sam3_jpeg_decode}
@@ -74,7 +86,8 @@ class Segmenter:
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(items))
         decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
-        decoded = list(self._decoder.map(partial(_timed_decode, device=decode_device), items))
+        decode = partial(_timed_decode, device=decode_device, stop=self._stop_if_abandoned)
+        decoded = list(self._decoder.map(decode, items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
         for index, (item, (image, decode_ms, error)) in enumerate(zip(items, decoded, strict=True)):
@@ -83,10 +96,32 @@ class Segmenter:
             if error:
                 outcomes[index] = error
             else:
-                runnable.append((index, Job(image.pixels, prompts), decode_ms))
+                job = Job(image.pixels, prompts, abandoned=partial(abandoned, item, self._cancelled))
+                runnable.append((index, job, decode_ms))
         for (index, _, decode_ms), result in zip(runnable, self._run_isolating_failures(engine, runnable), strict=True):
-            outcomes[index] = result if isinstance(result, dict) else success(result, decode_ms)
+            outcomes[index] = self._outcome(result, decode_ms)
         return outcomes
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""
+        self._cancelled.add(request_ids)
+
+    def _outcome(self, result, decode_ms: float) -> dict:
+        if isinstance(result, dict):
+            return result
+        if isinstance(result, Abandoned):
+            return self._stopped(result.reason)
+        return success(result, decode_ms)
+
+    def _stop_if_abandoned(self, item: dict) -> dict | None:
+        reason = abandoned(item, self._cancelled)
+        return self._stopped(reason) if reason else None
+
+    def _stopped(self, reason: str) -> dict:
+        with self._counters:
+            self._stopped_early[reason] += 1
+        log.info("stopped a request early: %s", reason)
+        return failure(reason, MESSAGES[reason])
 
     def _run_isolating_failures(self, engine: Sam3Engine, runnable: list) -> list:
         """Run all jobs together; on failure (out of memory included) split the batch in halves and retry,
@@ -140,7 +175,10 @@ def worker_device(requested: str, worker_index: int) -> str:
     return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
-def _timed_decode(item: dict, device: torch.device) -> tuple[DecodedImage | None, float, dict | None]:
+def _timed_decode(item: dict, device: torch.device, stop) -> tuple[DecodedImage | None, float, dict | None]:
+    """`stop(item)`: the failure of an item abandoned before its decoding, else None."""
+    if stopped := stop(item):
+        return None, 0.0, stopped
     started = time.perf_counter()
     try:
         image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)

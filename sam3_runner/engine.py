@@ -30,10 +30,10 @@ from sam3_runner.acceleration import (
     pool_boxes_in_one_call,
 )
 from sam3_runner.loading import LoadedModel
-from sam3_runner.postprocess import masks_per_pass, render_pairs, select_queries
+from sam3_runner.postprocess import MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
-from sam3_runner.types import Job, Prompt, PromptResult
+from sam3_runner.types import Abandoned, Job, Prompt, PromptResult
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class Sam3Engine:
         self._on_device_thread(self._warm_up, compile_options or CompileOptions())
         self._serving = True
 
-    def run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
-        """Segment every prompt of every job; results come back per job, per prompt, in order."""
+    def run(self, jobs: Sequence[Job]) -> list[list[PromptResult] | Abandoned]:
+        """Segment every prompt of every job; results come back per job, per prompt, in order (Abandoned for a job
+        whose `abandoned` said so at a stage boundary)."""
         if not jobs:
             return []
         return self._on_device_thread(self._run, jobs)
@@ -131,7 +132,18 @@ class Sam3Engine:
                     self._run(_warm_up_jobs(1, bucket))
             self.acceleration["pair_buckets"] = list(self._pair_buckets)
 
-    def _run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
+    def _run(self, jobs: Sequence[Job]) -> list[list[PromptResult] | Abandoned]:
+        gate = _Gate(jobs)
+        wanted = [index for index in range(len(jobs)) if gate.wanted(index)]  # before the vision pass
+        computed = self._run_wanted([jobs[index] for index in wanted], lambda job: gate.wanted(wanted[job]))
+        results = dict(zip(wanted, computed, strict=True))
+        return [Abandoned(gate.reasons[i]) if i in gate.reasons else results[i] for i in range(len(jobs))]
+
+    def _run_wanted(self, jobs: Sequence[Job], wanted: Callable[[int], bool]) -> list[list[PromptResult]]:
+        """`wanted(job index)` is asked between head chunks and post-processing slices; a job it refuses is not
+        computed further, and its list of results is incomplete (the caller drops it)."""
+        if not jobs:
+            return []
         clock = _StageClock(self.device)
         pixel_values = self._preprocess(jobs)
         clock.lap("preprocess")
@@ -145,12 +157,16 @@ class Sam3Engine:
         flat_results: list[PromptResult | None] = [None] * len(pairs)
         for group in self._head_groups(pairs):
             for start in range(0, len(group), self.max_pairs_per_forward):
-                members = group[start : start + self.max_pairs_per_forward]
+                members = [
+                    index for index in group[start : start + self.max_pairs_per_forward] if wanted(pairs[index][0])
+                ]
+                if not members:
+                    continue
                 chunk = [pairs[index] for index in members]
                 rows = to_device(torch.tensor(members), self.device)
                 outputs = self._heads(jobs, chunk, vision, text_features[rows], text_mask[rows])
                 clock.lap("heads")
-                for index, result in zip(members, self._postprocess(jobs, chunk, outputs), strict=True):
+                for index, result in zip(members, self._postprocess(jobs, chunk, outputs, wanted), strict=True):
                     flat_results[index] = result
                 clock.lap("postprocess")
 
@@ -158,8 +174,9 @@ class Sam3Engine:
         timings["total"] = round(sum(timings.values()), 3)
         results: list[list[PromptResult]] = [[] for _ in jobs]
         for (job_index, _), result in zip(pairs, flat_results, strict=True):
-            result.timings_ms = dict(timings)
-            results[job_index].append(result)
+            if result is not None:  # None: its job was abandoned
+                result.timings_ms = dict(timings)
+                results[job_index].append(result)
         return results
 
     def _head_groups(self, pairs: list[tuple[int, Prompt]]) -> list[list[int]]:
@@ -244,7 +261,7 @@ class Sam3Engine:
                 labels[row, column] = 1 if box.positive else 0
         return to_device(boxes, self.device, self.dtype), to_device(labels, self.device)
 
-    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs) -> list[PromptResult]:
+    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs, wanted) -> list[PromptResult | None]:
         score_thresholds = to_device(torch.tensor([prompt.score_threshold for _, prompt in pairs]), self.device)
         limits = to_device(torch.tensor([prompt.max_instances for _, prompt in pairs]), self.device)
         kept = select_queries(
@@ -257,10 +274,16 @@ class Sam3Engine:
         )
         sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
         mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
-        rendered = render_pairs(kept, sizes, mask_thresholds, masks_per_pass(self.device))
+        renderer = MaskRenderer(kept, sizes, mask_thresholds, masks_per_pass(self.device))
+        while not renderer.done:
+            unwanted = {job_index for job_index in {job_index for job_index, _ in pairs} if not wanted(job_index)}
+            renderer.drop({pair for pair, (job_index, _) in enumerate(pairs) if job_index in unwanted})
+            renderer.render(pixels_per_slice(self.device))
         return [
-            PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
-            for pair, (height, width) in zip(rendered, sizes, strict=True)
+            None
+            if pair is None
+            else PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
+            for pair, (height, width) in zip(renderer.result(), sizes, strict=True)
         ]
 
 
@@ -268,6 +291,20 @@ def _warm_up_jobs(images: int, prompts_per_image: int) -> list[Job]:
     """Blank images with prompts nothing passes (threshold 1): every device path runs, nothing is post-processed."""
     prompts = [Prompt("warm up", score_threshold=1.0)] * prompts_per_image
     return [Job(WARM_UP_IMAGE, prompts) for _ in range(images)]
+
+
+class _Gate:
+    """Which jobs are still wanted: asks a job at each stage boundary until it gives a reason to stop, then
+    remembers the reason."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self._jobs = jobs
+        self.reasons: dict[int, str] = {}
+
+    def wanted(self, index: int) -> bool:
+        if index not in self.reasons and (reason := self._jobs[index].abandoned()):
+            self.reasons[index] = reason
+        return index not in self.reasons
 
 
 @dataclass

@@ -69,6 +69,12 @@ def masks_per_pass(device: torch.device) -> int:
     return MASKS_PER_GPU_PASS if device.type == "cuda" else 1
 
 
+def pixels_per_slice(device: torch.device) -> int:
+    """The mask pixels of one post-processing slice: a GPU pass (32 full-HD masks) on a GPU, one full-HD mask on the
+    CPU. A slice renders at least one pass, so a larger mask is a slice of its own."""
+    return masks_per_pass(device) * FULL_HD_PIXELS
+
+
 def render_pairs(
     kept: KeptQueries, sizes: list[tuple[int, int]], mask_thresholds: list[float], per_pass: int
 ) -> list[RenderedPair]:

@@ -18,8 +18,15 @@ pytestmark = [pytest.mark.served, pytest.mark.stack]
 
 HEADERS = {"X-API-Key": STACK_API_KEY}
 MODEL_TIMEOUT_S = 2
-# 6000x4000, one prompt, every demo query kept: ~14 s of mask post-processing on the 2-core CPU, 7x the timeout.
-SLOW = {"image_url": "images/huge.jpg", "text_prompt": "car", "threshold": 0.0, "max_instances": 8}
+# 6000x4000, 12 prompts, every demo query kept: 96 masks of 24 MP, ~14 s of post-processing on the idle 2-core CPU
+# (far longer when it is busy), 7x the timeout; stopped early, it costs only seconds.
+SLOW = {
+    "image_url": "images/huge.jpg",
+    "prompts": [f"thing {index}" for index in range(12)],
+    "threshold": 0.0,
+    "max_instances": 8,
+}
+BATCH = "/api/v1/predict/batch"
 
 
 def gradient_jpeg(width: int, height: int) -> bytes:
@@ -56,9 +63,19 @@ def impatient(r2, supabase, images, tmp_path_factory):
     bento.stop()
 
 
+@pytest.fixture(scope="module")
+def patient(r2, supabase, images, tmp_path_factory):
+    """The default timeouts: work stops only because its caller has gone."""
+    env = {**r2_settings(r2), **supabase_settings(supabase), "API_SECRET_KEY": STACK_API_KEY}
+    bento = ServedBento(env, tmp_path_factory.mktemp("patient") / "serve.log").start()
+    yield bento
+    bento.stop()
+
+
 def request(supabase, **fields) -> dict:
     task_id, user_id = new_task_row(supabase)
-    return {"image_url": "images/small.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id, **fields}
+    prompt = {} if "prompts" in fields else {"text_prompt": "car"}
+    return {"image_url": "images/small.jpg", **prompt, "user_id": user_id, "task_id": task_id, **fields}
 
 
 def wait_until_idle(server, supabase) -> None:
@@ -75,12 +92,13 @@ def wait_until_idle(server, supabase) -> None:
 def test_a_request_slower_than_the_model_timeout_is_504_inference_timeout(impatient, supabase):
     wait_until_idle(impatient, supabase)
     body = request(supabase, **SLOW)
-    response = httpx.post(f"{impatient.url}/api/v1/predict", json=body, headers=HEADERS, timeout=120)
+    response = httpx.post(f"{impatient.url}{BATCH}", json=body, headers=HEADERS, timeout=120)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "inference_timeout"
     assert "MODEL_TIMEOUT_S" in response.json()["error"]["message"]
     row = task_row(supabase, body["task_id"])
     assert row["status"] == "failed" and row["error_message"].startswith("inference_timeout")
+    eventually(lambda: batching(impatient)["timed_out"] == 1)  # the model stopped the job at its deadline
 
 
 def test_requests_the_model_cannot_queue_are_429_model_busy_with_retry_after(impatient, supabase):
@@ -99,3 +117,30 @@ def test_requests_the_model_cannot_queue_are_429_model_busy_with_retry_after(imp
     assert response.json()["error"]["code"] == "model_busy" and response.headers["Retry-After"] == "1"
     row = task_row(supabase, body["task_id"])
     assert row["status"] == "failed" and row["error_message"].startswith("model_busy")
+
+
+def batching(server) -> dict:
+    return httpx.get(f"{server.url}/api/v1/info", headers=HEADERS, timeout=30).json()["batching"]
+
+
+def eventually(check, seconds: float = 120):
+    """Poll until check() is truthy (its value), or fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def test_a_client_that_disconnects_stops_the_model_and_the_row_says_cancelled(patient, supabase):
+    """The slow request needs 14 s or more of post-processing; its client leaves after 3 s. The gateway's handler is
+    cancelled, the model service is told, and stops the job at its next slice: its `cancelled` counter moves."""
+    wait_until_idle(patient, supabase)
+    before = batching(patient)["cancelled"]
+    body = request(supabase, **SLOW)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{patient.url}{BATCH}", json=body, headers=HEADERS, timeout=3)
+    row = eventually(lambda: (row := task_row(supabase, body["task_id"]))["status"] == "failed" and row)
+    assert row["error_message"] == "cancelled: the client disconnected before the answer"
+    eventually(lambda: batching(patient)["cancelled"] == before + 1)

@@ -8,7 +8,8 @@ from conftest import random_image
 from runner_asserts import assert_same_result, decode_rle
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from sam3_runner import BoxPrompt, Job, Prompt
+from sam3_runner import Abandoned, BoxPrompt, Job, Prompt
+from sam3_runner.postprocess import FULL_HD_PIXELS
 
 ALL = {"score_threshold": 0.0, "max_instances": 200}
 
@@ -129,3 +130,32 @@ def test_text_only_prompt_runs_the_geometry_cls_token_like_meta(engine, rng):
 
     np.testing.assert_allclose(sorted(i.score for i in ours.instances), scores(with_cls), atol=1e-5)
     assert not np.allclose(scores(with_cls), scores(without_cls), atol=1e-5)
+
+
+def test_a_job_abandoned_between_post_processing_slices_stops_there_and_its_batch_goes_on(engine, rng):
+    """On the CPU a slice is one full-HD mask's pixels, so each of the big image's masks is a slice of its own."""
+    big = random_image(rng, 1200, 1600)
+    assert 1200 * 1600 <= FULL_HD_PIXELS < 2 * 1200 * 1600
+    asked = []
+
+    def abandoned_at_the_second_slice():
+        asked.append(True)  # before the vision pass, at the head chunk, before slice 1, before slice 2
+        return "cancelled" if len(asked) == 4 else None
+
+    small = random_image(rng, 40, 60)
+    jobs = [
+        Job(big, [Prompt("cat", **ALL)], abandoned=abandoned_at_the_second_slice),
+        Job(small, [Prompt("dog", **ALL)]),
+    ]
+    outcomes = engine.run(jobs)
+    assert outcomes[0] == Abandoned("cancelled")
+    assert len(asked) == 4  # not asked again: the rest of its masks were never rendered
+    assert outcomes[1][0].instances == engine.run([Job(small, [Prompt("dog", **ALL)])])[0][0].instances
+
+
+def test_a_job_abandoned_before_the_vision_pass_costs_nothing(engine, rng):
+    image = random_image(rng, 40, 60)
+    jobs = [Job(image, [Prompt("cat", **ALL)], abandoned=lambda: "inference_timeout"), Job(image, [Prompt("cat")])]
+    outcomes = engine.run(jobs)
+    assert outcomes[0] == Abandoned("inference_timeout") and len(outcomes[1]) == 1
+    assert engine.run(jobs[:1]) == [Abandoned("inference_timeout")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import encode, random_image
 
-from backend.protocol import make_item, unpack_mask
+from backend.protocol import addressed, make_item, unpack_mask
 from backend.segmenter import Segmenter
 from backend.settings import Settings
 from sam3_runner import BoxPrompt, Prompt, WeightsError
@@ -37,6 +37,21 @@ def test_bad_items_fail_alone(segmenter):
     assert [o["ok"] for o in outcomes] == [True, True, False, False, False]
     assert [o["error"]["code"] for o in outcomes[2:]] == ["invalid_image", "invalid_box", "image_too_large"]
     assert unpack_mask(outcomes[0]["results"][0]).shape == (40, 60)
+
+
+def test_items_past_their_deadline_or_cancelled_are_stopped_and_their_batch_is_served(segmenter):
+    batch = items(4)
+    batch[1] = addressed(batch[1], "late", deadline=time.time() - 1)
+    batch[2] = addressed(batch[2], "gone", deadline=time.time() + 60)
+    batch[3] = addressed(batch[3], "wanted", deadline=time.time() + 60)
+    segmenter.cancel(["gone"])
+    before = segmenter.status()["batching"]
+    outcomes = segmenter.segment(batch)
+    assert [o["ok"] for o in outcomes] == [True, False, False, True]
+    assert [o["error"]["code"] for o in outcomes[1:3]] == ["inference_timeout", "cancelled"]
+    assert "MODEL_TIMEOUT_S" in outcomes[1]["error"]["message"]
+    after = segmenter.status()["batching"]
+    assert (after["timed_out"], after["cancelled"]) == (before["timed_out"] + 1, before["cancelled"] + 1)
 
 
 def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):
