@@ -122,7 +122,7 @@ class Gateway:
             store=build_store(settings),
             tasks=build_task_store(settings),
             model=ModelClient(self.model.to_async, settings.model_timeout_s, retry_after_s=settings.retry_after_s),
-            limits=Limits(settings.max_image_bytes, settings.max_image_pixels),
+            limits=Limits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_megapixels),
         )
 
     @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)

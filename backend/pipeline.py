@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
+from backend.cost import estimate, refuse_if_too_heavy
 from backend.errors import MODEL_ERROR_STATUS, ApiError, to_api_error
 from backend.masks import mask_png
 from backend.protocol import box_prompts, make_item, union_of, unpack_mask
@@ -38,6 +39,7 @@ class ModelService(Protocol):
 class Limits:
     max_image_bytes: int
     max_image_pixels: int
+    max_request_megapixels: float  # backend/cost.py
 
 
 class PredictPipeline:
@@ -118,6 +120,7 @@ class PredictPipeline:
 
     async def _process(self, request, image, download_ms, prompts, labels, keys, started):
         timings: dict[str, float] = {"download": download_ms}
+        refuse_if_too_heavy(estimate(image, len(prompts), request.max_instances), self.limits.max_request_megapixels)
         clock = time.perf_counter()
         outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels))
         timings["model"] = _ms_since(clock)

@@ -144,3 +144,17 @@ def test_a_client_that_disconnects_stops_the_model_and_the_row_says_cancelled(pa
     row = eventually(lambda: (row := task_row(supabase, body["task_id"]))["status"] == "failed" and row)
     assert row["error_message"] == "cancelled: the client disconnected before the answer"
     eventually(lambda: batching(patient)["cancelled"] == before + 1)
+
+
+def test_a_request_over_the_cost_budget_is_422_before_any_model_work(patient, supabase):
+    """32 prompts x 200 instances x 24 MP = 153,600 mask megapixels, over the default 40,000."""
+    before = batching(patient)["batches"]
+    body = request(supabase, image_url="images/huge.jpg", prompts=["car"] * 32, max_instances=200)
+    response = httpx.post(f"{patient.url}{BATCH}", json=body, headers=HEADERS, timeout=60)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_too_heavy"
+    assert "153,600 mask megapixels" in error["message"] and "the limit is 40,000" in error["message"]
+    row = task_row(supabase, body["task_id"])
+    assert row["status"] == "failed" and row["error_message"].startswith("request_too_heavy")
+    assert batching(patient)["batches"] == before
