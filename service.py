@@ -6,6 +6,7 @@ Edge --X-API-Key--> Gateway: validate, row->processing, R2 download --> Sam3Mode
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import bentoml
@@ -88,7 +89,12 @@ class Sam3Model:
         return self.segmenter.segment(items)
 
     # The APIs below are async on purpose: BentoML runs sync APIs one at a time on the thread that also runs the
-    # batches (its `threads` limiter, 1), so a sync status or cancel would wait for the running batch to end.
+    # batches (its `threads` limiter, 1), so a sync API would wait for the running batch to end.
+    @bentoml.api
+    async def segment_sliced(self, item: dict) -> dict:
+        """A heavy item alone, beside the batches: its device work interleaves with theirs (backend/segmenter.py)."""
+        return await asyncio.to_thread(self.segmenter.segment_sliced, item)
+
     @bentoml.api
     async def cancel(self, request_ids: list[str]) -> None:
         self.segmenter.cancel(request_ids)
@@ -122,7 +128,12 @@ class Gateway:
             store=build_store(settings),
             tasks=build_task_store(settings),
             model=ModelClient(self.model.to_async, settings.model_timeout_s, retry_after_s=settings.retry_after_s),
-            limits=Limits(settings.max_image_bytes, settings.max_image_pixels, settings.max_request_megapixels),
+            limits=Limits(
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                settings.max_request_megapixels,
+                settings.heavy_request_megapixels,
+            ),
         )
 
     @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)

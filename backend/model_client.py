@@ -40,8 +40,9 @@ class ModelClient:
         self._retry_after_s = retry_after_s
         self._cancels: set[asyncio.Task] = set()
 
-    async def segment(self, item: dict) -> dict:
-        """One item through the batched API: the model service's outcome, or the contract's ApiError.
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        """One item through the batched API, or alone through the sliced one: the model service's outcome, or the
+        contract's ApiError.
 
         The item goes with a request id and a deadline (now + MODEL_TIMEOUT_S); if this call is cancelled (the
         caller disconnected, the request timed out, shutdown), the model service is told to stop the item.
@@ -49,6 +50,8 @@ class ModelClient:
         request_id = uuid.uuid4().hex
         sent = addressed(item, request_id, time.time() + self._timeout_s)
         try:
+            if sliced:
+                return await self._remote.segment_sliced(sent)
             return (await self._remote.segment([sent]))[0]
         except asyncio.CancelledError:
             self._cancel_soon([request_id])

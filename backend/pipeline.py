@@ -31,8 +31,9 @@ CANCELLED = "cancelled: the request ended before a result"
 class ModelService(Protocol):
     """The model service as the pipeline sees it (backend/model_client.py over BentoML; in process in tests)."""
 
-    async def segment(self, item: dict) -> dict:
-        """The item's outcome (`ok` or a failure); a failed call raises the contract's ApiError."""
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        """The item's outcome (`ok` or a failure); a failed call raises the contract's ApiError. `sliced`: alone,
+        in slices that let the batches run in between (a heavy item), instead of batched with others."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Limits:
     max_image_bytes: int
     max_image_pixels: int
     max_request_megapixels: float  # backend/cost.py
+    heavy_request_megapixels: float  # above it, the model service's sliced API
 
 
 class PredictPipeline:
@@ -120,9 +122,11 @@ class PredictPipeline:
 
     async def _process(self, request, image, download_ms, prompts, labels, keys, started):
         timings: dict[str, float] = {"download": download_ms}
-        refuse_if_too_heavy(estimate(image, len(prompts), request.max_instances), self.limits.max_request_megapixels)
+        cost = estimate(image, len(prompts), request.max_instances)
+        refuse_if_too_heavy(cost, self.limits.max_request_megapixels)
+        sliced = cost is not None and cost.megapixels > self.limits.heavy_request_megapixels
         clock = time.perf_counter()
-        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels))
+        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels), sliced)
         timings["model"] = _ms_since(clock)
 
         clock = time.perf_counter()
@@ -159,8 +163,8 @@ class PredictPipeline:
         }
         return bodies, summary
 
-    async def _call_model(self, item: dict) -> dict:
-        outcome = await self.model.segment(item)
+    async def _call_model(self, item: dict, sliced: bool) -> dict:
+        outcome = await self.model.segment(item, sliced)
         if not outcome["ok"]:
             code, message = outcome["error"]["code"], outcome["error"]["message"]
             raise ApiError(MODEL_ERROR_STATUS.get(code, 500), code, message)

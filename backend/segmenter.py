@@ -46,6 +46,7 @@ class Segmenter:
         self._largest_batch = 0
         self._cancelled = CancelledRequests(settings.model_timeout_s + CLOCK_MARGIN_S)
         self._stopped_early = {CANCELLED: 0, TIMED_OUT: 0}
+        self._sliced = 0
         self._counters = threading.Lock()
         self._decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
@@ -66,6 +67,7 @@ class Segmenter:
             "largest_batch": self._largest_batch,
             "cancelled": self._stopped_early[CANCELLED],
             "timed_out": self._stopped_early[TIMED_OUT],
+            "sliced": self._sliced,
         }
         if engine:
             status["info"] = engine.loaded.info()
@@ -80,27 +82,59 @@ class Segmenter:
     def segment(self, items: list[dict]) -> list[dict]:
         engine = self._engine
         if engine is None:
-            if self._load_error:
-                return [failure("model_unavailable", "the model failed to load; see the server log")] * len(items)
-            return [failure("model_loading", "the model is still loading; retry shortly")] * len(items)
+            return [self._not_ready()] * len(items)
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(items))
-        decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
-        decode = partial(_timed_decode, device=decode_device, stop=self._stop_if_abandoned)
-        decoded = list(self._decoder.map(decode, items))
+        decoded = list(self._decoder.map(self._decoding(engine), items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
         for index, (item, (image, decode_ms, error)) in enumerate(zip(items, decoded, strict=True)):
-            prompts = item_prompts(item)
-            error = error or _box_error(prompts, image)
-            if error:
-                outcomes[index] = error
+            job = self._job(item, image, error)
+            if isinstance(job, dict):
+                outcomes[index] = job
             else:
-                job = Job(image.pixels, prompts, abandoned=partial(abandoned, item, self._cancelled))
                 runnable.append((index, job, decode_ms))
         for (index, _, decode_ms), result in zip(runnable, self._run_isolating_failures(engine, runnable), strict=True):
             outcomes[index] = self._outcome(result, decode_ms)
         return outcomes
+
+    def segment_sliced(self, item: dict) -> dict:
+        """One heavy item alone, its device work in bounded units between which queued batches run
+        (Sam3Engine.run_sliced); called beside the batches, from a thread of its own."""
+        engine = self._engine
+        if engine is None:
+            return self._not_ready()
+        with self._counters:
+            self._sliced += 1
+        image, decode_ms, error = self._decoding(engine)(item)
+        job = self._job(item, image, error)
+        if isinstance(job, dict):
+            return job
+        try:
+            return self._outcome(engine.run_sliced(job), decode_ms)
+        except Exception as exc:  # the model can raise anything; it is this item's failure
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.exception("inference failed for a sliced job")
+            return failure("inference_failed", f"inference failed ({type(exc).__name__})")
+
+    def _not_ready(self) -> dict:
+        if self._load_error:
+            return failure("model_unavailable", "the model failed to load; see the server log")
+        return failure("model_loading", "the model is still loading; retry shortly")
+
+    def _decoding(self, engine: Sam3Engine):
+        """item -> (image, decode ms, failure): decoded where SAM3_JPEG_DECODE says; nothing for an abandoned item."""
+        device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
+        return partial(_timed_decode, device=device, stop=self._stop_if_abandoned)
+
+    def _job(self, item: dict, image: DecodedImage | None, error: dict | None) -> Job | dict:
+        """The item's job, or its failure."""
+        prompts = item_prompts(item)
+        error = error or _box_error(prompts, image)
+        if error:
+            return error
+        return Job(image.pixels, prompts, abandoned=partial(abandoned, item, self._cancelled))
 
     def cancel(self, request_ids: list[str]) -> None:
         """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""

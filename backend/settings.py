@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     # masks measured (random weights, ~750 MP/s): still within MODEL_TIMEOUT_S. The 2-core CPU renders ~170 MP/s
     # idle and 15-60 MP/s when shared: lower it (or raise MODEL_TIMEOUT_S) on a CPU-only server.
     max_request_megapixels: float = Field(40_000, gt=0)
+    # Above this many mask megapixels a request is served alone, through the model service's sliced API: its device
+    # work runs in bounded units (post-processing in slices of one GPU pass) between which other batches run, so it
+    # cannot hold the batch queue. At 2,500 every single-prompt request up to a 12 MP photo at 200 instances (2,440)
+    # stays in the batches, and 32 prompts on full HD (6,600) go alone. Set it to MAX_REQUEST_MEGAPIXELS or more to
+    # send everything through the batches (the old behaviour; bench/heavy_interleave.py compares the two).
+    heavy_request_megapixels: float = Field(2_500, gt=0)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

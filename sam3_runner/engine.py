@@ -30,7 +30,7 @@ from sam3_runner.acceleration import (
     pool_boxes_in_one_call,
 )
 from sam3_runner.loading import LoadedModel
-from sam3_runner.postprocess import MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
+from sam3_runner.postprocess import KeptQueries, MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
 from sam3_runner.types import Abandoned, Job, Prompt, PromptResult
@@ -75,6 +75,23 @@ class Sam3Engine:
         if not jobs:
             return []
         return self._on_device_thread(self._run, jobs)
+
+    def run_sliced(self, job: Job) -> list[PromptResult] | Abandoned:
+        """One (heavy) job as separate units of device work, so batches queued meanwhile run in between and wait at
+        most one unit: the first unit preprocesses, runs the vision pass, the text encoder, the heads and the query
+        selection; then each post-processing slice (pixels_per_slice) is a unit of its own. `job.abandoned` is
+        asked before every unit (and between head chunks). Same results as run([job])."""
+        gate = _Gate([job])
+        if not gate.wanted(0):
+            return Abandoned(gate.reasons[0])
+        selected = self._on_device_thread(self._select_for_slices, job, gate)
+        while selected is not None and not selected.renderer.done:
+            if not gate.wanted(0):
+                break
+            self._on_device_thread(self._render_slice, selected)
+        if selected is None or not selected.renderer.done:
+            return Abandoned(gate.reasons[0])
+        return self._on_device_thread(self._sliced_results, selected)
 
     def _compiled_or_eager(self, compiled: Callable, eager: Callable, *args):
         """A compiled path that fails at run time is dropped for good and the call made eagerly; out-of-memory
@@ -179,6 +196,59 @@ class Sam3Engine:
                 results[job_index].append(result)
         return results
 
+    def _select_for_slices(self, job: Job, gate: _Gate) -> _Selected | None:
+        clock = _StageClock(self.device)
+        pixel_values = self._preprocess([job])
+        clock.lap("preprocess")
+        vision = self._compiled_or_eager(self._vision, self.model.vision_encoder, pixel_values)
+        clock.lap("vision")
+        pairs = [(0, prompt) for prompt in job.prompts]
+        text_features, text_mask = self.text_cache.lookup([prompt.model_text for _, prompt in pairs])
+        clock.lap("text")
+        order: list[int] = []
+        kept: list[KeptQueries] = []
+        for group in self._head_groups(pairs):
+            for start in range(0, len(group), self.max_pairs_per_forward):
+                if not gate.wanted(0):
+                    return None
+                members = group[start : start + self.max_pairs_per_forward]
+                chunk = [pairs[index] for index in members]
+                rows = to_device(torch.tensor(members), self.device)
+                outputs = self._heads([job], chunk, vision, text_features[rows], text_mask[rows])
+                clock.lap("heads")
+                kept.append(self._select(chunk, outputs))
+                order += members
+                clock.lap("postprocess")
+        prompts = [job.prompts[index] for index in order]
+        size = job.image.shape[:2]
+        mask_thresholds = [prompt.mask_threshold for prompt in prompts]
+        renderer = MaskRenderer(
+            KeptQueries.concat(kept), [size] * len(prompts), mask_thresholds, masks_per_pass(self.device)
+        )
+        return _Selected(renderer, order, size, clock)
+
+    def _render_slice(self, selected: _Selected) -> None:
+        selected.clock.lap(_StageClock.IDLE)  # the device ran other work since the last unit
+        selected.renderer.render(pixels_per_slice(self.device))
+        selected.clock.lap("postprocess")
+
+    def _sliced_results(self, selected: _Selected) -> list[PromptResult]:
+        height, width = selected.size
+        selected.clock.lap(_StageClock.IDLE)
+        rendered = selected.renderer.result()
+        selected.clock.lap("postprocess")
+        timings = selected.clock.totals()
+        timings["total"] = round(sum(timings.values()), 3)
+        results: list[PromptResult | None] = [None] * len(rendered)
+        for index, pair in zip(selected.order, rendered, strict=True):
+            results[index] = PromptResult(
+                instances=pair.instances,
+                union_mask=pair.union_mask,
+                image_size=(width, height),
+                timings_ms=dict(timings),
+            )
+        return results
+
     def _head_groups(self, pairs: list[tuple[int, Prompt]]) -> list[list[int]]:
         """Pair indices per head call group: with graphed heads, text-only pairs (fixed shapes) apart from pairs
         with exemplar boxes (their box count varies, so they run eager)."""
@@ -261,10 +331,10 @@ class Sam3Engine:
                 labels[row, column] = 1 if box.positive else 0
         return to_device(boxes, self.device, self.dtype), to_device(labels, self.device)
 
-    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs, wanted) -> list[PromptResult | None]:
+    def _select(self, pairs: list[tuple[int, Prompt]], outputs) -> KeptQueries:
         score_thresholds = to_device(torch.tensor([prompt.score_threshold for _, prompt in pairs]), self.device)
         limits = to_device(torch.tensor([prompt.max_instances for _, prompt in pairs]), self.device)
-        kept = select_queries(
+        return select_queries(
             outputs.pred_logits,
             outputs.presence_logits,
             outputs.pred_boxes,
@@ -272,6 +342,9 @@ class Sam3Engine:
             score_thresholds,
             limits,
         )
+
+    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs, wanted) -> list[PromptResult | None]:
+        kept = self._select(pairs, outputs)
         sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
         mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
         renderer = MaskRenderer(kept, sizes, mask_thresholds, masks_per_pass(self.device))
@@ -308,6 +381,16 @@ class _Gate:
 
 
 @dataclass
+class _Selected:
+    """A sliced job between its units: what is left to render, and how to put its results back in prompt order."""
+
+    renderer: MaskRenderer
+    order: list[int]  # the prompt index of each rendered pair (head groups may reorder them)
+    size: tuple[int, int]  # (height, width)
+    clock: _StageClock
+
+
+@dataclass
 class _HeadOutputs:
     """The head outputs post-processing reads, cut back to the real pairs of a padded bucket."""
 
@@ -319,7 +402,10 @@ class _HeadOutputs:
 
 class _StageClock:
     """Time per stage. On CUDA, events recorded on the stream mark the stage ends, so timing never makes the host
-    wait for the GPU: it queues the next stage while the GPU runs this one. Read once, at the end of the batch."""
+    wait for the GPU: it queues the next stage while the GPU runs this one. Read once, at the end of the batch.
+    Time up to an IDLE mark (other work between a sliced job's units) counts for no stage."""
+
+    IDLE = "idle"
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
@@ -342,4 +428,4 @@ class _StageClock:
         for (_, before), (stage, after) in itertools.pairwise(self._marks):
             elapsed = before.elapsed_time(after) if self._cuda else (after - before) * 1000
             totals[stage] = totals.get(stage, 0.0) + elapsed
-        return {stage: round(ms, 3) for stage, ms in totals.items()}
+        return {stage: round(ms, 3) for stage, ms in totals.items() if stage != self.IDLE}

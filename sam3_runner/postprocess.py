@@ -35,6 +35,18 @@ class KeptQueries:
     boxes: torch.Tensor  # [N, 4] normalised xyxy
     mask_logits: torch.Tensor  # [N, h, w]
 
+    @staticmethod
+    def concat(parts: list[KeptQueries]) -> KeptQueries:
+        """Several head calls' kept queries as one, pairs in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return KeptQueries(
+            counts=[count for part in parts for count in part.counts],
+            scores=torch.cat([part.scores for part in parts]),
+            boxes=torch.cat([part.boxes for part in parts]),
+            mask_logits=torch.cat([part.mask_logits for part in parts]),
+        )
+
 
 @dataclass
 class RenderedPair:

@@ -11,5 +11,7 @@ class InProcessModel:
     def __init__(self, segmenter: Segmenter) -> None:
         self.segmenter = segmenter
 
-    async def segment(self, item: dict) -> dict:
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        if sliced:
+            return await asyncio.to_thread(self.segmenter.segment_sliced, item)
         return (await asyncio.to_thread(self.segmenter.segment, [item]))[0]

@@ -26,6 +26,8 @@ SLOW = {
     "threshold": 0.0,
     "max_instances": 8,
 }
+# The same with 32 prompts: 6,144 mask megapixels (32 x 8 x 24), over HEAVY_REQUEST_MEGAPIXELS: the sliced path.
+HEAVY = {**SLOW, "prompts": [f"thing {index}" for index in range(32)]}
 BATCH = "/api/v1/predict/batch"
 
 
@@ -44,7 +46,8 @@ def gradient_jpeg(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def images(r2, bucket):
-    for key, size in {"images/huge.jpg": (6000, 4000), "images/small.jpg": (320, 240)}.items():
+    sizes = {"images/huge.jpg": (6000, 4000), "images/large.jpg": (2000, 1500), "images/small.jpg": (320, 240)}
+    for key, size in sizes.items():
         bucket.put_object(Bucket=r2["R2_BUCKET"], Key=key, Body=gradient_jpeg(*size), ContentType="image/jpeg")
 
 
@@ -89,16 +92,22 @@ def wait_until_idle(server, supabase) -> None:
     raise AssertionError("the model never became idle")
 
 
-def test_a_request_slower_than_the_model_timeout_is_504_inference_timeout(impatient, supabase):
+PATHS = pytest.mark.parametrize(("slow", "sliced"), [(SLOW, 0), (HEAVY, 1)], ids=["batched", "sliced"])
+
+
+@PATHS
+def test_a_request_slower_than_the_model_timeout_is_504_inference_timeout(impatient, supabase, slow, sliced):
     wait_until_idle(impatient, supabase)
-    body = request(supabase, **SLOW)
+    before = batching(impatient)
+    body = request(supabase, **slow)
     response = httpx.post(f"{impatient.url}{BATCH}", json=body, headers=HEADERS, timeout=120)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "inference_timeout"
     assert "MODEL_TIMEOUT_S" in response.json()["error"]["message"]
     row = task_row(supabase, body["task_id"])
     assert row["status"] == "failed" and row["error_message"].startswith("inference_timeout")
-    eventually(lambda: batching(impatient)["timed_out"] == 1)  # the model stopped the job at its deadline
+    eventually(lambda: batching(impatient)["timed_out"] == before["timed_out"] + 1)  # stopped at its deadline
+    assert batching(impatient)["sliced"] == before["sliced"] + sliced
 
 
 def test_requests_the_model_cannot_queue_are_429_model_busy_with_retry_after(impatient, supabase):
@@ -133,17 +142,54 @@ def eventually(check, seconds: float = 120):
     raise AssertionError(f"not within {seconds} s")
 
 
-def test_a_client_that_disconnects_stops_the_model_and_the_row_says_cancelled(patient, supabase):
+@PATHS
+def test_a_client_that_disconnects_stops_the_model_and_the_row_says_cancelled(patient, supabase, slow, sliced):
     """The slow request needs 14 s or more of post-processing; its client leaves after 3 s. The gateway's handler is
     cancelled, the model service is told, and stops the job at its next slice: its `cancelled` counter moves."""
     wait_until_idle(patient, supabase)
-    before = batching(patient)["cancelled"]
-    body = request(supabase, **SLOW)
+    before = batching(patient)
+    body = request(supabase, **slow)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{patient.url}{BATCH}", json=body, headers=HEADERS, timeout=3)
     row = eventually(lambda: (row := task_row(supabase, body["task_id"]))["status"] == "failed" and row)
     assert row["error_message"] == "cancelled: the client disconnected before the answer"
-    eventually(lambda: batching(patient)["cancelled"] == before + 1)
+    eventually(lambda: batching(patient)["cancelled"] == before["cancelled"] + 1)
+    assert batching(patient)["sliced"] == before["sliced"] + sliced
+
+
+def test_a_heavy_request_is_served_alone_in_slices(patient, supabase):
+    """5 prompts x 200 instances x 3 MP = 3,000 mask megapixels by the estimate: over 2,500, so sliced; the demo
+    keeps 8 instances per prompt, so it is quick."""
+    before = batching(patient)["sliced"]
+    body = request(supabase, image_url="images/large.jpg", prompts=list("abcde"), max_instances=200)
+    response = httpx.post(f"{patient.url}{BATCH}", json=body, headers=HEADERS, timeout=120)
+    assert response.status_code == 200, response.text
+    assert [result["image"] for result in response.json()["results"]] == [{"width": 2000, "height": 1500}] * 5
+    assert batching(patient)["sliced"] == before + 1
+    assert task_row(supabase, body["task_id"])["status"] == "completed"
+
+
+def test_a_small_request_is_answered_while_a_heavy_one_runs(patient, supabase):
+    """The heavy request (tens of seconds of post-processing here) runs in slices; a small request sent meanwhile
+    is served between two of them. Then the heavy one's client leaves, and the model stops it."""
+    wait_until_idle(patient, supabase)
+    before = batching(patient)
+    heavy = request(supabase, **HEAVY)
+
+    async def scenario():
+        async with httpx.AsyncClient(headers=HEADERS, timeout=600) as client:
+            running = asyncio.ensure_future(client.post(f"{patient.url}{BATCH}", json=heavy))
+            while (await client.get(f"{patient.url}/api/v1/info")).json()["batching"]["sliced"] == before["sliced"]:
+                await asyncio.sleep(0.2)  # until the heavy request has reached the model
+            small = await client.post(f"{patient.url}/api/v1/predict", json=request(supabase))
+            heavy_still_running = not running.done()
+            running.cancel()
+            return small, heavy_still_running
+
+    small, heavy_still_running = asyncio.run(scenario())
+    assert small.status_code == 200, small.text
+    assert heavy_still_running
+    eventually(lambda: batching(patient)["cancelled"] == before["cancelled"] + 1)
 
 
 def test_a_request_over_the_cost_budget_is_422_before_any_model_work(patient, supabase):

@@ -36,7 +36,7 @@ def idle(standin):
         client = await _client(standin.url)
         for _ in range(100):
             try:
-                return await client.segment({})
+                return await client.segment({}, sliced=False)
             except ApiError:
                 await asyncio.sleep(0.2)
         raise AssertionError("the stand-in never became idle")
@@ -45,11 +45,15 @@ def idle(standin):
     return standin
 
 
-async def _client(url: str, timeout_s: float = 30) -> ModelClient:
+async def _remote(url: str, timeout_s: float = 30) -> AsyncHTTPClient:
     """The client `bentoml.depends()` gives the gateway (RemoteProxy.to_async), with JSON instead of pickle."""
     remote = AsyncHTTPClient(url, service=StandInModel, server_ready_timeout=0, timeout=timeout_s)
     await remote.__aenter__()  # with the service given it only sets up the endpoints: no network
-    return ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
+    return remote
+
+
+async def _client(url: str, timeout_s: float = 30) -> ModelClient:
+    return ModelClient(await _remote(url, timeout_s), timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
 
 
 def _error(coroutine) -> ApiError | None:
@@ -65,14 +69,43 @@ def _error(coroutine) -> ApiError | None:
 
 def test_a_served_answer_passes_through(idle):
     async def call():
-        return await (await _client(idle.url)).segment({})
+        return await (await _client(idle.url)).segment({}, sliced=False)
 
     assert asyncio.run(call()) == {"ok": True}
 
 
+def test_a_heavy_item_goes_alone_to_the_sliced_api(idle):
+    async def call():
+        return await (await _client(idle.url)).segment({}, sliced=True)
+
+    assert asyncio.run(call()) == {"ok": True, "sliced": True}
+
+
+def test_a_cancelled_call_tells_the_model_service_which_request_to_stop(idle):
+    """The caller's cancellation must not stop the cancel itself: it goes in a task of its own."""
+
+    async def cancel_a_slow_call():
+        remote = await _remote(idle.url)
+        client = ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
+        call = asyncio.ensure_future(client.segment({"sleep": 1.0}, sliced=False))
+        await asyncio.sleep(0.5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(50):
+            seen = await remote.seen()
+            if seen["cancelled"]:
+                return seen
+            await asyncio.sleep(0.1)
+        return await remote.seen()
+
+    seen = asyncio.run(cancel_a_slow_call())
+    assert seen["cancelled"] == seen["received"][-1:]
+
+
 def test_a_model_service_that_cannot_be_reached_is_503_model_unavailable():
     async def call():
-        return await (await _client(f"http://127.0.0.1:{free_port()}")).segment({})
+        return await (await _client(f"http://127.0.0.1:{free_port()}")).segment({}, sliced=False)
 
     error = _error(call())
     assert (error.status, error.code) == (503, "model_unavailable")
@@ -80,7 +113,7 @@ def test_a_model_service_that_cannot_be_reached_is_503_model_unavailable():
 
 def test_an_api_that_raises_is_500_inference_failed(idle):
     async def call():
-        return await (await _client(idle.url)).segment({"raise": True})
+        return await (await _client(idle.url)).segment({"raise": True}, sliced=False)
 
     error = _error(call())
     assert (error.status, error.code) == (500, "inference_failed")
@@ -88,7 +121,7 @@ def test_an_api_that_raises_is_500_inference_failed(idle):
 
 def test_the_services_traffic_timeout_is_504_inference_timeout(idle):
     async def call():
-        return await (await _client(idle.url)).segment({"sleep": TRAFFIC_TIMEOUT_S + 1})
+        return await (await _client(idle.url)).segment({"sleep": TRAFFIC_TIMEOUT_S + 1}, sliced=False)
 
     error = _error(call())
     assert (error.status, error.code) == (504, "inference_timeout")
@@ -97,7 +130,7 @@ def test_the_services_traffic_timeout_is_504_inference_timeout(idle):
 
 def test_the_clients_own_timeout_is_504_inference_timeout(idle):
     async def call():
-        return await (await _client(idle.url, timeout_s=0.5)).segment({"sleep": 1.5})
+        return await (await _client(idle.url, timeout_s=0.5)).segment({"sleep": 1.5}, sliced=False)
 
     error = _error(call())
     assert (error.status, error.code) == (504, "inference_timeout")
@@ -110,7 +143,9 @@ def test_requests_the_batcher_sheds_are_429_model_busy_with_retry_after(idle):
 
     async def burst():
         client = await _client(idle.url)
-        return await asyncio.gather(*(client.segment({"sleep": 1.0}) for _ in range(8)), return_exceptions=True)
+        return await asyncio.gather(
+            *(client.segment({"sleep": 1.0}, sliced=False) for _ in range(8)), return_exceptions=True
+        )
 
     outcomes = asyncio.run(burst())
     errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]

@@ -54,6 +54,20 @@ def test_items_past_their_deadline_or_cancelled_are_stopped_and_their_batch_is_s
     assert (after["timed_out"], after["cancelled"]) == (before["timed_out"] + 1, before["cancelled"] + 1)
 
 
+def test_a_sliced_item_gets_what_the_batch_gives_it(segmenter):
+    item = make_item(
+        encode(random_image(np.random.default_rng(4), 300, 400)), [Prompt("cat", score_threshold=0.0)] * 3, 10**8
+    )
+    before = segmenter.status()["batching"]["sliced"]
+    sliced, batched = segmenter.segment_sliced(item), segmenter.segment([item])[0]
+    assert sliced["ok"] and segmenter.status()["batching"]["sliced"] == before + 1
+    for got, want in zip(sliced["results"], batched["results"], strict=True):
+        assert got["instances"] == want["instances"] and got["mask_bits"] == want["mask_bits"]
+    late = addressed(item, "late", deadline=time.time() - 1)
+    assert segmenter.segment_sliced(late)["error"]["code"] == "inference_timeout"
+    assert segmenter.segment_sliced(make_item(b"junk", [Prompt("cat")], 10**8))["error"]["code"] == "invalid_image"
+
+
 def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):
     engine = segmenter._engine
     real_run, calls = engine.run, []
