@@ -78,6 +78,7 @@ class PredictPipeline:
             score_threshold=request.threshold,
             mask_threshold=request.mask_threshold,
             max_instances=request.max_instances,
+            include_rle=request.include_rle,
         )
 
     async def _run(self, request: PredictOptions, prompts: list[Prompt], labels: list[str], keys: list[str]):

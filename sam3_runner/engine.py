@@ -82,14 +82,10 @@ class Sam3Engine:
         selection; then each post-processing slice (pixels_per_slice) is a unit of its own. `job.abandoned` is
         asked before every unit (and between head chunks). Same results as run([job])."""
         gate = _Gate([job])
-        if not gate.wanted(0):
-            return Abandoned(gate.reasons[0])
-        selected = self._on_device_thread(self._select_for_slices, job, gate)
-        while selected is not None and not selected.renderer.done:
-            if not gate.wanted(0):
-                break
+        selected = self._on_device_thread(self._select_for_slices, job, gate) if gate.wanted(0) else None
+        while selected is not None and not selected.renderer.done and gate.wanted(0):
             self._on_device_thread(self._render_slice, selected)
-        if selected is None or not selected.renderer.done:
+        if gate.reasons:
             return Abandoned(gate.reasons[0])
         return self._on_device_thread(self._sliced_results, selected)
 
@@ -197,6 +193,7 @@ class Sam3Engine:
         return results
 
     def _select_for_slices(self, job: Job, gate: _Gate) -> _Selected | None:
+        """run_sliced's first unit: everything up to the kept queries. None if the job was abandoned meanwhile."""
         clock = _StageClock(self.device)
         pixel_values = self._preprocess([job])
         clock.lap("preprocess")
@@ -222,8 +219,9 @@ class Sam3Engine:
         prompts = [job.prompts[index] for index in order]
         size = job.image.shape[:2]
         mask_thresholds = [prompt.mask_threshold for prompt in prompts]
+        with_rle = [prompt.include_rle for prompt in prompts]
         renderer = MaskRenderer(
-            KeptQueries.concat(kept), [size] * len(prompts), mask_thresholds, masks_per_pass(self.device)
+            KeptQueries.concat(kept), [size] * len(prompts), mask_thresholds, masks_per_pass(self.device), with_rle
         )
         return _Selected(renderer, order, size, clock)
 
@@ -347,10 +345,10 @@ class Sam3Engine:
         kept = self._select(pairs, outputs)
         sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
         mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
-        renderer = MaskRenderer(kept, sizes, mask_thresholds, masks_per_pass(self.device))
+        with_rle = [prompt.include_rle for _, prompt in pairs]
+        renderer = MaskRenderer(kept, sizes, mask_thresholds, masks_per_pass(self.device), with_rle)
         while not renderer.done:
-            unwanted = {job_index for job_index in {job_index for job_index, _ in pairs} if not wanted(job_index)}
-            renderer.drop({pair for pair, (job_index, _) in enumerate(pairs) if job_index in unwanted})
+            renderer.drop({pair for pair, (job_index, _) in enumerate(pairs) if not wanted(job_index)})
             renderer.render(pixels_per_slice(self.device))
         return [
             None

@@ -88,14 +88,19 @@ def pixels_per_slice(device: torch.device) -> int:
 
 
 def render_pairs(
-    kept: KeptQueries, sizes: list[tuple[int, int]], mask_thresholds: list[float], per_pass: int
+    kept: KeptQueries,
+    sizes: list[tuple[int, int]],
+    mask_thresholds: list[float],
+    per_pass: int,
+    with_rle: list[bool] | None = None,
 ) -> list[RenderedPair]:
     """Kept queries -> each pair's instances (original-size boxes, areas, RLEs) and union mask, in one go.
 
     sizes are (height, width) per pair. Up to per_pass consecutive masks of one size share a pass; only the
-    areas, RLE strings, scores, boxes and union masks reach the host.
+    areas, RLE strings, scores, boxes and union masks reach the host. with_rle: per pair, whether its instances
+    get an RLE (None: all); the others' RLEs are not computed and are None.
     """
-    renderer = MaskRenderer(kept, sizes, mask_thresholds, per_pass)
+    renderer = MaskRenderer(kept, sizes, mask_thresholds, per_pass, with_rle)
     renderer.render()
     return renderer.result()
 
@@ -106,11 +111,17 @@ class MaskRenderer:
     result as rendering in one go; full-resolution masks live for one pass only."""
 
     def __init__(
-        self, kept: KeptQueries, sizes: list[tuple[int, int]], mask_thresholds: list[float], per_pass: int
+        self,
+        kept: KeptQueries,
+        sizes: list[tuple[int, int]],
+        mask_thresholds: list[float],
+        per_pass: int,
+        with_rle: list[bool] | None = None,
     ) -> None:
         self._kept = kept
         self._sizes = sizes
         self._mask_thresholds = mask_thresholds
+        self._with_rle = with_rle if with_rle is not None else [True] * len(sizes)
         self._owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
         self._mask_sizes = [sizes[pair] for pair in self._owner]
         self._passes = deque(_passes(self._mask_sizes, per_pass))
@@ -152,11 +163,23 @@ class MaskRenderer:
         thresholds = _on_device([self._mask_thresholds[pair] for pair in owner[start:stop]], kept.mask_logits.device)
         masks = upsample_masks(kept.mask_logits[start:stop], height, width, thresholds)
         self._areas.append(torch.count_nonzero(masks, dim=(1, 2)))
-        self._rles += encode_rle(masks)
+        self._rles += self._encode(masks, start, stop)
         for pair, first, last in _runs(owner, start, stop):
             piece = masks[first - start : last - start].any(dim=0)
             union = self._unions[pair]
             self._unions[pair] = piece if union is None else union | piece
+
+    def _encode(self, masks: torch.Tensor, start: int, stop: int) -> list[dict | None]:
+        """RLEs of the pass's masks whose pair wants them (None for the others): consecutive masks with the same wish
+        are encoded together, so a pass of RLE-wanting pairs is one encoding call as before."""
+        wants = [self._with_rle[pair] for pair in self._owner[start:stop]]
+        rles: list[dict | None] = []
+        first = 0
+        for index in range(1, len(wants) + 1):
+            if index == len(wants) or wants[index] != wants[first]:
+                rles += encode_rle(masks[first:index]) if wants[first] else [None] * (index - first)
+                first = index
+        return rles
 
     def _skip(self, start: int, stop: int) -> None:
         self._areas.append(torch.zeros(stop - start, dtype=torch.long, device=self._kept.mask_logits.device))

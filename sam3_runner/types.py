@@ -31,6 +31,7 @@ class Prompt:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_instances: int = 100
+    include_rle: bool = True  # False: instances carry no RLE (none is computed); areas, boxes, union stay exact
 
     def __post_init__(self) -> None:
         if not (self.text and self.text.strip()) and not self.boxes:
@@ -71,7 +72,7 @@ class Instance:
     score: float
     box: tuple[float, float, float, float]  # xyxy, original-image pixels
     area: int
-    rle: dict  # COCO RLE: {"size": [h, w], "counts": str}
+    rle: dict | None  # COCO RLE: {"size": [h, w], "counts": str}; None when its prompt did not ask for it
 
 
 @dataclass

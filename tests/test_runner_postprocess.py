@@ -143,3 +143,17 @@ def test_a_dropped_pair_is_no_longer_rendered_and_the_others_are_unchanged():
     ]
     all_pixels = sum(height * width * count for (height, width), count in zip(sizes, kept.counts, strict=True))
     assert first + rest == all_pixels - kept.counts[2] * sizes[2][0] * sizes[2][1]
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+def test_pairs_without_rle_get_none_and_everything_else_unchanged(per_pass):
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    with_rle = [True, False, False, True, False, True]
+    full = render_pairs(kept, sizes, mask_thresholds, per_pass)
+    lean = render_pairs(kept, sizes, mask_thresholds, per_pass, with_rle)
+    for wanted, got, want in zip(with_rle, lean, full, strict=True):
+        assert [(i.score, i.box, i.area) for i in got.instances] == [(i.score, i.box, i.area) for i in want.instances]
+        assert [i.rle for i in got.instances] == (
+            [i.rle for i in want.instances] if wanted else [None] * len(got.instances)
+        )
+        assert np.array_equal(got.union_mask, want.union_mask)

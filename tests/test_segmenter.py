@@ -68,6 +68,18 @@ def test_a_sliced_item_gets_what_the_batch_gives_it(segmenter):
     assert segmenter.segment_sliced(make_item(b"junk", [Prompt("cat")], 10**8))["error"]["code"] == "invalid_image"
 
 
+def test_without_rle_the_model_computes_none_and_the_same_areas_and_union(segmenter):
+    image = encode(random_image(np.random.default_rng(6), 50, 70))
+    with_rle, without = segmenter.segment(
+        [make_item(image, [Prompt("cat", score_threshold=0.0, include_rle=flag)], 10**8) for flag in (True, False)]
+    )
+    kept, lean = with_rle["results"][0], without["results"][0]
+    assert kept["instances"] and all(instance["rle"] for instance in kept["instances"])
+    assert [instance["rle"] for instance in lean["instances"]] == [None] * len(kept["instances"])
+    assert [{**instance, "rle": None} for instance in kept["instances"]] == lean["instances"]
+    assert lean["mask_bits"] == kept["mask_bits"]
+
+
 def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):
     engine = segmenter._engine
     real_run, calls = engine.run, []
