@@ -118,6 +118,10 @@ class Segmenter:
             log.exception("inference failed for a sliced job")
             return failure("inference_failed", f"inference failed ({type(exc).__name__})")
 
+    def cancel(self, request_ids: list[str]) -> None:
+        """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""
+        self._cancelled.add(request_ids)
+
     def _not_ready(self) -> dict:
         if self._load_error:
             return failure("model_unavailable", "the model failed to load; see the server log")
@@ -135,10 +139,6 @@ class Segmenter:
         if error:
             return error
         return Job(image.pixels, prompts, abandoned=partial(abandoned, item, self._cancelled))
-
-    def cancel(self, request_ids: list[str]) -> None:
-        """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""
-        self._cancelled.add(request_ids)
 
     def _outcome(self, result, decode_ms: float) -> dict:
         if isinstance(result, dict):

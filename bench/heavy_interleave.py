@@ -120,6 +120,10 @@ async def measure(url: str, rate: float, seconds: float, prompts: int) -> dict:
     }
 
 
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{count} x {status}" for status, count in errors.items()) or "0"
+
+
 def _after(seconds: float):
     deadline = time.perf_counter() + seconds
     return lambda: time.perf_counter() >= deadline
@@ -182,7 +186,7 @@ def main() -> None:
         alone, beside = result["alone"], result["beside_heavy"]
         lines.append(
             f"| {mode} | {alone['p50_ms']} / {alone['p99_ms']} | {beside['p50_ms']} / {beside['p99_ms']} / "
-            f"{beside['max_ms']} ({beside['served']} of {beside['sent']}) | {beside['errors'] or 0} | "
+            f"{beside['max_ms']} ({beside['served']} of {beside['sent']}) | {_errors(beside['errors'])} | "
             f"{result['heavy']['latency_ms']} ({result['heavy']['status']}) |"
         )
     save(report, args.out, machine, "heavy-interleave", markdown="\n".join(lines))
