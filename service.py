@@ -6,6 +6,7 @@ Edge --X-API-Key--> Gateway: validate, row->processing, R2 download --> Sam3Mode
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -20,7 +21,9 @@ from starlette.routing import Match
 from backend import redaction
 from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
 from backend.auth import API_KEY_SCHEME, DOCS_ASSETS_PREFIX, ApiKeyMiddleware
+from backend.disconnect import until_disconnected
 from backend.errors import ApiError, error_response, validation_error_code
+from backend.model_client import ModelClient
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
@@ -31,7 +34,7 @@ settings = get_settings()
 redaction.install(settings.secrets())
 API_KEY = check_auth(settings)
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 500, 502, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 429, 500, 502, 503, 504)}
 KEYED = [Security(API_KEY_SCHEME)]  # documents X-API-Key on an operation (ApiKeyMiddleware enforces it)
 # FastAPIOffline: Swagger UI from the installed fastapi-offline package's files, no CDN (works offline).
 api = FastAPIOffline(
@@ -94,8 +97,19 @@ class Sam3Model:
     def segment(self, items: list[dict]) -> list[dict]:
         return self.segmenter.segment(items)
 
+    # The APIs below are async on purpose: BentoML runs sync APIs one at a time on the thread that also runs the
+    # batches (its `threads` limiter, 1), so a sync API would wait for the running batch to end.
     @bentoml.api
-    def status(self) -> dict:
+    async def segment_sliced(self, item: dict) -> dict:
+        """A heavy item alone, beside the batches: its device work interleaves with theirs (backend/segmenter.py)."""
+        return await asyncio.to_thread(self.segmenter.segment_sliced, item)
+
+    @bentoml.api
+    async def cancel(self, request_ids: list[str]) -> None:
+        self.segmenter.cancel(request_ids)
+
+    @bentoml.api
+    async def status(self) -> dict:
         return self.segmenter.status()
 
 
@@ -123,12 +137,14 @@ class Gateway:
         self.pipeline = PredictPipeline(
             store=build_store(settings),
             tasks=build_task_store(settings),
-            segment=self._segment,
-            limits=Limits(settings.max_image_bytes, settings.max_image_pixels),
+            model=ModelClient(self.model.to_async, settings.model_timeout_s, retry_after_s=settings.retry_after_s),
+            limits=Limits(
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                settings.max_request_megapixels,
+                settings.heavy_request_megapixels,
+            ),
         )
-
-    async def _segment(self, item: dict) -> dict:
-        return (await self.model.to_async.segment([item]))[0]
 
     # exclude_unset: an instance without `rle` (include_rle: false) answers without the key, not "rle": null
     @api.post(
@@ -138,8 +154,8 @@ class Gateway:
         responses=ERRORS,
         dependencies=KEYED,
     )
-    async def predict(self, body: PredictRequest) -> dict:
-        return await self.pipeline.predict(body)
+    async def predict(self, body: PredictRequest, request: Request) -> dict:
+        return await until_disconnected(request, self.pipeline.predict(body))
 
     @api.post(
         "/api/v1/predict/batch",
@@ -148,8 +164,8 @@ class Gateway:
         responses=ERRORS,
         dependencies=KEYED,
     )
-    async def predict_batch(self, body: BatchPredictRequest) -> dict:
-        return await self.pipeline.predict_batch(body)
+    async def predict_batch(self, body: BatchPredictRequest, request: Request) -> dict:
+        return await until_disconnected(request, self.pipeline.predict_batch(body))
 
     @api.get("/api/v1/info", responses=ERRORS, dependencies=KEYED)
     @api.post("/api/v1/info", responses=ERRORS, dependencies=KEYED)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
+from backend.cost import estimate, refuse_if_too_heavy
 from backend.errors import MODEL_ERROR_STATUS, ApiError, to_api_error
 from backend.masks import mask_png
 from backend.protocol import box_prompts, make_item, union_of, unpack_mask
@@ -24,21 +25,30 @@ from tasks import TaskResult, TaskStore
 
 log = logging.getLogger(__name__)
 
-SegmentCall = Callable[[dict], Awaitable[dict]]
 CANCELLED = "cancelled: the request ended before a result"
+
+
+class ModelService(Protocol):
+    """The model service as the pipeline sees it (backend/model_client.py over BentoML; in process in tests)."""
+
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        """The item's outcome (`ok` or a failure); a failed call raises the contract's ApiError. `sliced`: alone,
+        in slices that let the batches run in between (a heavy item), instead of batched with others."""
 
 
 @dataclass(frozen=True)
 class Limits:
     max_image_bytes: int
     max_image_pixels: int
+    max_request_megapixels: float  # backend/cost.py
+    heavy_request_megapixels: float  # above it, the model service's sliced API
 
 
 class PredictPipeline:
-    def __init__(self, store: ObjectStore, tasks: TaskStore, segment: SegmentCall, limits: Limits) -> None:
+    def __init__(self, store: ObjectStore, tasks: TaskStore, model: ModelService, limits: Limits) -> None:
         self.store = store
         self.tasks = tasks
-        self.segment = segment
+        self.model = model
         self.limits = limits
 
     async def predict(self, request: PredictRequest) -> dict:
@@ -68,6 +78,7 @@ class PredictPipeline:
             score_threshold=request.threshold,
             mask_threshold=request.mask_threshold,
             max_instances=request.max_instances,
+            include_rle=request.include_rle,
         )
 
     async def _run(self, request: PredictOptions, prompts: list[Prompt], labels: list[str], keys: list[str]):
@@ -81,9 +92,9 @@ class PredictPipeline:
         download = asyncio.ensure_future(self._download(request.image_url))
         try:
             await self._guard(self.tasks.mark_processing(request.task_id))
-        except asyncio.CancelledError:  # the update may have landed: the row must not stay processing
+        except asyncio.CancelledError as cancelled:  # the update may have landed: the row must not stay processing
             _drop(download)
-            await asyncio.shield(self._record_failure(request.task_id, CANCELLED))
+            await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
             raise
         except BaseException:  # the row could not be marked (missing, Supabase down): nothing to record
             _drop(download)
@@ -96,8 +107,8 @@ class PredictPipeline:
         except ApiError as error:
             await self._record_failure(request.task_id, f"{error.code}: {error.message}")
             raise
-        except asyncio.CancelledError:
-            await asyncio.shield(self._record_failure(request.task_id, CANCELLED))
+        except asyncio.CancelledError as cancelled:
+            await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
             raise
         except Exception:
             log.exception("task %s failed unexpectedly", request.task_id)
@@ -112,8 +123,11 @@ class PredictPipeline:
 
     async def _process(self, request, image, download_ms, prompts, labels, keys, started):
         timings: dict[str, float] = {"download": download_ms}
+        cost = estimate(image, len(prompts), request.max_instances)
+        refuse_if_too_heavy(cost, self.limits.max_request_megapixels)
+        sliced = cost is not None and cost.megapixels > self.limits.heavy_request_megapixels
         clock = time.perf_counter()
-        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels))
+        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels), sliced)
         timings["model"] = _ms_since(clock)
 
         clock = time.perf_counter()
@@ -150,12 +164,8 @@ class PredictPipeline:
         }
         return bodies, summary
 
-    async def _call_model(self, item: dict) -> dict:
-        try:
-            outcome = await self.segment(item)
-        except Exception as exc:  # the model service's client raises transport errors of many kinds
-            log.error("the model service call failed: %s", type(exc).__name__)
-            raise ApiError(503, "model_unavailable", "the model service is unavailable; retry shortly") from None
+    async def _call_model(self, item: dict, sliced: bool) -> dict:
+        outcome = await self.model.segment(item, sliced)
         if not outcome["ok"]:
             code, message = outcome["error"]["code"], outcome["error"]["message"]
             raise ApiError(MODEL_ERROR_STATUS.get(code, 500), code, message)
@@ -218,6 +228,11 @@ def _without_rle(body: dict) -> dict:
     """The row keeps no RLE (the mask PNG has the pixels): the key is dropped, as include_rle: false does."""
     instances = [{key: value for key, value in instance.items() if key != "rle"} for instance in body["instances"]]
     return {**body, "instances": instances}
+
+
+def _cancelled_message(cancelled: asyncio.CancelledError) -> str:
+    """The row's message: the reason the canceller gave (e.g. the client disconnected), when it gave one."""
+    return f"cancelled: {cancelled.args[0]}" if cancelled.args and cancelled.args[0] else CANCELLED
 
 
 def _drop(task: asyncio.Task) -> None:

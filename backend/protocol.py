@@ -17,6 +17,12 @@ def make_item(image: bytes, prompts: list[Prompt], max_pixels: int) -> dict:
     return {"image": image, "prompts": [asdict(prompt) for prompt in prompts], "max_pixels": max_pixels}
 
 
+def addressed(item: dict, request_id: str, deadline: float) -> dict:
+    """The item as sent: with the id a later `cancel` names, and the wall-clock time (time.time()) after which
+    nobody waits for it (backend/cancellation.py)."""
+    return {**item, "request_id": request_id, "deadline": deadline}
+
+
 def item_prompts(item: dict) -> list[Prompt]:
     return [
         Prompt(**{**fields, "boxes": tuple(BoxPrompt(**box) for box in fields["boxes"])}) for fields in item["prompts"]

@@ -11,9 +11,11 @@ from functools import partial
 
 import torch
 
+from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, abandoned
 from backend.protocol import failure, item_prompts, success
 from backend.settings import Settings
 from sam3_runner import (
+    Abandoned,
     DecodedImage,
     ImageDecodeError,
     ImageTooLarge,
@@ -30,6 +32,8 @@ from sam3_runner.loading import check_weights_reference
 
 log = logging.getLogger(__name__)
 
+CLOCK_MARGIN_S = 10  # a cancel is remembered this much past MODEL_TIMEOUT_S, for clocks a little apart
+
 
 class Segmenter:
     def __init__(self, settings: Settings, worker_index: int = 1) -> None:
@@ -40,6 +44,10 @@ class Segmenter:
         self._load_error: str | None = None
         self._batches = 0
         self._largest_batch = 0
+        self._cancelled = CancelledRequests(settings.model_timeout_s + CLOCK_MARGIN_S)
+        self._stopped_early = {CANCELLED: 0, TIMED_OUT: 0}
+        self._sliced = 0
+        self._counters = threading.Lock()
         self._decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
         self._loader.start()
@@ -54,7 +62,13 @@ class Segmenter:
         status = {"state": state, "model_loaded": engine is not None, "gpu_available": torch.cuda.is_available()}
         if self._load_error:
             status["error"] = self._load_error
-        status["batching"] = {"batches": self._batches, "largest_batch": self._largest_batch}
+        status["batching"] = {
+            "batches": self._batches,
+            "largest_batch": self._largest_batch,
+            "cancelled": self._stopped_early[CANCELLED],
+            "timed_out": self._stopped_early[TIMED_OUT],
+            "sliced": self._sliced,
+        }
         if engine:
             status["info"] = engine.loaded.info()
             status["acceleration"] = {**engine.acceleration, "jpeg_decode": self._settings.sam3_jpeg_decode}
@@ -68,13 +82,10 @@ class Segmenter:
     def segment(self, items: list[dict]) -> list[dict]:
         engine = self._engine
         if engine is None:
-            if self._load_error:
-                return [failure("model_unavailable", "the model failed to load; see the server log")] * len(items)
-            return [failure("model_loading", "the model is still loading; retry shortly")] * len(items)
+            return [self._not_ready()] * len(items)
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(items))
-        decode_device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
-        prepared = list(self._decoder.map(partial(_prepare, device=decode_device), items))
+        prepared = list(self._decoder.map(self._preparing(engine), items))
         outcomes: list[dict | None] = [None] * len(items)
         runnable: list[tuple[int, Job, float]] = []
         for index, (job, decode_ms, error) in enumerate(prepared):
@@ -83,8 +94,58 @@ class Segmenter:
             else:
                 runnable.append((index, job, decode_ms))
         for (index, _, decode_ms), result in zip(runnable, self._run_isolating_failures(engine, runnable), strict=True):
-            outcomes[index] = result if isinstance(result, dict) else success(result, decode_ms)
+            outcomes[index] = self._outcome(result, decode_ms)
         return outcomes
+
+    def segment_sliced(self, item: dict) -> dict:
+        """One heavy item alone, its device work in bounded units between which queued batches run
+        (Sam3Engine.run_sliced); called beside the batches, from a thread of its own."""
+        engine = self._engine
+        if engine is None:
+            return self._not_ready()
+        with self._counters:
+            self._sliced += 1
+        job, decode_ms, error = self._preparing(engine)(item)
+        if error:
+            return error
+        try:
+            return self._outcome(engine.run_sliced(job), decode_ms)
+        except Exception as exc:  # the model can raise anything; it is this item's failure
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.exception("inference failed for a sliced job")
+            return failure("inference_failed", f"inference failed ({type(exc).__name__})")
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""
+        self._cancelled.add(request_ids)
+
+    def _not_ready(self) -> dict:
+        if self._load_error:
+            return failure("model_unavailable", "the model failed to load; see the server log")
+        return failure("model_loading", "the model is still loading; retry shortly")
+
+    def _preparing(self, engine: Sam3Engine):
+        """item -> (job, decode ms, failure): decoded where SAM3_JPEG_DECODE says; nothing for an abandoned item."""
+        device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
+        return partial(_prepare, device=device, stop=self._stop_if_abandoned, cancelled=self._cancelled)
+
+    def _outcome(self, result, decode_ms: float) -> dict:
+        if isinstance(result, dict):
+            return result
+        if isinstance(result, Abandoned):
+            return self._stopped(result.reason)
+        return success(result, decode_ms)
+
+    def _stop_if_abandoned(self, item: dict) -> dict | None:
+        reason = abandoned(item, self._cancelled)
+        return self._stopped(reason) if reason else None
+
+    def _stopped(self, reason: str) -> dict:
+        with self._counters:
+            self._stopped_early[reason] += 1
+        log.info("stopped a request early: %s", reason)
+        return failure(reason, MESSAGES[reason])
 
     def _run_isolating_failures(self, engine: Sam3Engine, runnable: list) -> list:
         """Run all jobs together; on failure (out of memory included) split the batch in halves and retry,
@@ -139,8 +200,11 @@ def worker_device(requested: str, worker_index: int) -> str:
     return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
-def _prepare(item: dict, device: torch.device) -> tuple[Job | None, float, dict | None]:
-    """One item's job and decode time, or its error: whatever goes wrong here is this item's failure alone."""
+def _prepare(item: dict, device: torch.device, stop, cancelled) -> tuple[Job | None, float, dict | None]:
+    """One item's job and decode time, or its failure: whatever goes wrong here is this item's failure alone.
+    `stop(item)`: the failure of an item abandoned before its decoding, else None."""
+    if stopped := stop(item):
+        return None, 0.0, stopped
     started = time.perf_counter()
     try:
         image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)
@@ -154,7 +218,9 @@ def _prepare(item: dict, device: torch.device) -> tuple[Job | None, float, dict 
     except Exception as exc:  # a bug, not the user's input: this item answers 500, the rest of the batch runs
         log.exception("preparing one item of a batch failed")
         return None, 0.0, failure("internal_error", f"the request could not be prepared ({type(exc).__name__})")
-    return (None, 0.0, error) if error else (Job(image.pixels, prompts), decode_ms, None)
+    if error:
+        return None, 0.0, error
+    return Job(image.pixels, prompts, abandoned=partial(abandoned, item, cancelled)), decode_ms, None
 
 
 def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:

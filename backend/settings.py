@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -71,6 +72,21 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(256, ge=1)
     max_batch_prompts: int = Field(32, ge=1)
     max_boxes: int = Field(16, ge=1)
+    # The most mask megapixels (prompts x max_instances x image megapixels: the full-resolution mask pixels that
+    # post-processing may render, backend/cost.py) one request may ask for; above it: 422 request_too_heavy.
+    # 40,000 admits every everyday request up to 32 prompts x 100 instances on a 12 MP phone photo (4032x3024:
+    # 39,000; full HD: 6,600), and refuses e.g. 32 x 200 on that photo (78,000) or 32 x 100 on a 50 MP image
+    # (160,000). On the H100 post-processing ran at ~20,000 MP/s with object-like masks (106 full-HD masks in 11 ms,
+    # bench/results/2026-11-26-nvidia-h100-80gb-hbm3.json): 40,000 is ~2 s of GPU time, and ~53 s with the noisiest
+    # masks measured (random weights, ~750 MP/s): still within MODEL_TIMEOUT_S. The 2-core CPU renders ~170 MP/s
+    # idle and 15-60 MP/s when shared: lower it (or raise MODEL_TIMEOUT_S) on a CPU-only server.
+    max_request_megapixels: float = Field(40_000, gt=0)
+    # Above this many mask megapixels a request is served alone, through the model service's sliced API: its device
+    # work runs in bounded units (post-processing in slices of one GPU pass) between which other batches run, so it
+    # cannot hold the batch queue. At 2,500 every single-prompt request up to a 12 MP photo at 200 instances (2,440)
+    # stays in the batches, and 32 prompts on full HD (6,600) go alone. Set it to MAX_REQUEST_MEGAPIXELS or more to
+    # send everything through the batches (the old behaviour; bench/heavy_interleave.py compares the two).
+    heavy_request_megapixels: float = Field(2_500, gt=0)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -82,6 +98,12 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         return self.sam3_env.lower() in ("production", "prod")
+
+    @property
+    def retry_after_s(self) -> int:
+        """The Retry-After of a 429 model_busy: the batch queue sheds requests whose predicted wait exceeds
+        MAX_LATENCY_MS, so about that long drains it."""
+        return max(1, math.ceil(self.max_latency_ms / 1000))
 
     @property
     def r2_configured(self) -> bool:

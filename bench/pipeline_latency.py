@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from in_process import InProcessModel  # noqa: E402
 from stack import new_task_row, running, s3_client  # noqa: E402
 
 from backend.api_models import PredictRequest  # noqa: E402
@@ -128,10 +129,9 @@ def main() -> None:
         while not segmenter.ready:
             time.sleep(0.1)
 
-        async def segment(item):
-            return (await asyncio.to_thread(segmenter.segment, [item]))[0]
-
-        pipeline = PredictPipeline(store, tasks, segment, Limits(20_000_000, 50_000_000))
+        pipeline = PredictPipeline(
+            store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500)
+        )
         results = asyncio.run(measure(pipeline, supabase, args.requests))
     machine = f"{platform.machine()} {len(os.sched_getaffinity(0))} cores"
     report = {

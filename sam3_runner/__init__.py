@@ -4,12 +4,20 @@ Knows nothing about HTTP, object storage or task rows.
 """
 
 from sam3_runner.engine import Sam3Engine
-from sam3_runner.images import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image, decode_threads
+from sam3_runner.images import (
+    DecodedImage,
+    ImageDecodeError,
+    ImageTooLarge,
+    decode_image,
+    decode_threads,
+    header_size,
+)
 from sam3_runner.loading import LoadedModel, WeightsError, load_model
-from sam3_runner.types import BOX_ONLY_TEXT, BoxPrompt, Instance, Job, Prompt, PromptResult
+from sam3_runner.types import BOX_ONLY_TEXT, Abandoned, BoxPrompt, Instance, Job, Prompt, PromptResult
 
 __all__ = [
     "BOX_ONLY_TEXT",
+    "Abandoned",
     "BoxPrompt",
     "DecodedImage",
     "ImageDecodeError",
@@ -23,5 +31,6 @@ __all__ = [
     "WeightsError",
     "decode_image",
     "decode_threads",
+    "header_size",
     "load_model",
 ]

@@ -30,10 +30,10 @@ from sam3_runner.acceleration import (
     pool_boxes_in_one_call,
 )
 from sam3_runner.loading import LoadedModel
-from sam3_runner.postprocess import masks_per_pass, render_pairs, select_queries
+from sam3_runner.postprocess import KeptQueries, MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
-from sam3_runner.types import Job, Prompt, PromptResult
+from sam3_runner.types import Abandoned, Job, Prompt, PromptResult
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,25 @@ class Sam3Engine:
         self._on_device_thread(self._warm_up, compile_options or CompileOptions())
         self._serving = True
 
-    def run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
-        """Segment every prompt of every job; results come back per job, per prompt, in order."""
+    def run(self, jobs: Sequence[Job]) -> list[list[PromptResult] | Abandoned]:
+        """Segment every prompt of every job; results come back per job, per prompt, in order (Abandoned for a job
+        whose `abandoned` said so at a stage boundary)."""
         if not jobs:
             return []
         return self._on_device_thread(self._run, jobs)
+
+    def run_sliced(self, job: Job) -> list[PromptResult] | Abandoned:
+        """One (heavy) job as separate units of device work, so batches queued meanwhile run in between and wait at
+        most one unit: the first unit preprocesses, runs the vision pass, the text encoder, the heads and the query
+        selection; then each post-processing slice (pixels_per_slice) is a unit of its own. `job.abandoned` is
+        asked before every unit (and between head chunks). Same results as run([job])."""
+        gate = _Gate([job])
+        selected = self._on_device_thread(self._select_for_slices, job, gate) if gate.wanted(0) else None
+        while selected is not None and not selected.renderer.done and gate.wanted(0):
+            self._on_device_thread(self._render_slice, selected)
+        if gate.reasons:
+            return Abandoned(gate.reasons[0])
+        return self._on_device_thread(self._sliced_results, selected)
 
     def _compiled_or_eager(self, compiled: Callable, eager: Callable, *args):
         """A compiled path that fails at run time is dropped for good and the call made eagerly; out-of-memory
@@ -131,7 +145,18 @@ class Sam3Engine:
                     self._run(_warm_up_jobs(1, bucket))
             self.acceleration["pair_buckets"] = list(self._pair_buckets)
 
-    def _run(self, jobs: Sequence[Job]) -> list[list[PromptResult]]:
+    def _run(self, jobs: Sequence[Job]) -> list[list[PromptResult] | Abandoned]:
+        gate = _Gate(jobs)
+        wanted = [index for index in range(len(jobs)) if gate.wanted(index)]  # before the vision pass
+        computed = self._run_wanted([jobs[index] for index in wanted], lambda job: gate.wanted(wanted[job]))
+        results = dict(zip(wanted, computed, strict=True))
+        return [Abandoned(gate.reasons[i]) if i in gate.reasons else results[i] for i in range(len(jobs))]
+
+    def _run_wanted(self, jobs: Sequence[Job], wanted: Callable[[int], bool]) -> list[list[PromptResult]]:
+        """`wanted(job index)` is asked between head chunks and post-processing slices; a job it refuses is not
+        computed further, and its list of results is incomplete (the caller drops it)."""
+        if not jobs:
+            return []
         clock = _StageClock(self.device)
         pixel_values = self._preprocess(jobs)
         clock.lap("preprocess")
@@ -145,12 +170,16 @@ class Sam3Engine:
         flat_results: list[PromptResult | None] = [None] * len(pairs)
         for group in self._head_groups(pairs):
             for start in range(0, len(group), self.max_pairs_per_forward):
-                members = group[start : start + self.max_pairs_per_forward]
+                members = [
+                    index for index in group[start : start + self.max_pairs_per_forward] if wanted(pairs[index][0])
+                ]
+                if not members:
+                    continue
                 chunk = [pairs[index] for index in members]
                 rows = to_device(torch.tensor(members), self.device)
                 outputs = self._heads(jobs, chunk, vision, text_features[rows], text_mask[rows])
                 clock.lap("heads")
-                for index, result in zip(members, self._postprocess(jobs, chunk, outputs), strict=True):
+                for index, result in zip(members, self._postprocess(jobs, chunk, outputs, wanted), strict=True):
                     flat_results[index] = result
                 clock.lap("postprocess")
 
@@ -158,8 +187,64 @@ class Sam3Engine:
         timings["total"] = round(sum(timings.values()), 3)
         results: list[list[PromptResult]] = [[] for _ in jobs]
         for (job_index, _), result in zip(pairs, flat_results, strict=True):
-            result.timings_ms = dict(timings)
-            results[job_index].append(result)
+            if result is not None:  # None: its job was abandoned
+                result.timings_ms = dict(timings)
+                results[job_index].append(result)
+        return results
+
+    def _select_for_slices(self, job: Job, gate: _Gate) -> _Selected | None:
+        """run_sliced's first unit: everything up to the kept queries. None if the job was abandoned meanwhile."""
+        clock = _StageClock(self.device)
+        pixel_values = self._preprocess([job])
+        clock.lap("preprocess")
+        vision = self._compiled_or_eager(self._vision, self.model.vision_encoder, pixel_values)
+        clock.lap("vision")
+        pairs = [(0, prompt) for prompt in job.prompts]
+        text_features, text_mask = self.text_cache.lookup([prompt.model_text for _, prompt in pairs])
+        clock.lap("text")
+        order: list[int] = []
+        kept: list[KeptQueries] = []
+        for group in self._head_groups(pairs):
+            for start in range(0, len(group), self.max_pairs_per_forward):
+                if not gate.wanted(0):
+                    return None
+                members = group[start : start + self.max_pairs_per_forward]
+                chunk = [pairs[index] for index in members]
+                rows = to_device(torch.tensor(members), self.device)
+                outputs = self._heads([job], chunk, vision, text_features[rows], text_mask[rows])
+                clock.lap("heads")
+                kept.append(self._select(chunk, outputs))
+                order += members
+                clock.lap("postprocess")
+        prompts = [job.prompts[index] for index in order]
+        size = job.image.shape[:2]
+        mask_thresholds = [prompt.mask_threshold for prompt in prompts]
+        with_rle = [prompt.include_rle for prompt in prompts]
+        renderer = MaskRenderer(
+            KeptQueries.concat(kept), [size] * len(prompts), mask_thresholds, masks_per_pass(self.device), with_rle
+        )
+        return _Selected(renderer, order, size, clock)
+
+    def _render_slice(self, selected: _Selected) -> None:
+        selected.clock.lap(_StageClock.IDLE)  # the device ran other work since the last unit
+        selected.renderer.render(pixels_per_slice(self.device))
+        selected.clock.lap("postprocess")
+
+    def _sliced_results(self, selected: _Selected) -> list[PromptResult]:
+        height, width = selected.size
+        selected.clock.lap(_StageClock.IDLE)
+        rendered = selected.renderer.result()
+        selected.clock.lap("postprocess")
+        timings = selected.clock.totals()
+        timings["total"] = round(sum(timings.values()), 3)
+        results: list[PromptResult | None] = [None] * len(rendered)
+        for index, pair in zip(selected.order, rendered, strict=True):
+            results[index] = PromptResult(
+                instances=pair.instances,
+                union_mask=pair.union_mask,
+                image_size=(width, height),
+                timings_ms=dict(timings),
+            )
         return results
 
     def _head_groups(self, pairs: list[tuple[int, Prompt]]) -> list[list[int]]:
@@ -248,10 +333,10 @@ class Sam3Engine:
                 labels[row, column] = 1 if box.positive else 0
         return to_device(boxes, self.device, self.dtype), to_device(labels, self.device)
 
-    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs) -> list[PromptResult]:
+    def _select(self, pairs: list[tuple[int, Prompt]], outputs) -> KeptQueries:
         score_thresholds = to_device(torch.tensor([prompt.score_threshold for _, prompt in pairs]), self.device)
         limits = to_device(torch.tensor([prompt.max_instances for _, prompt in pairs]), self.device)
-        kept = select_queries(
+        return select_queries(
             outputs.pred_logits,
             outputs.presence_logits,
             outputs.pred_boxes,
@@ -259,12 +344,21 @@ class Sam3Engine:
             score_thresholds,
             limits,
         )
+
+    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs, wanted) -> list[PromptResult | None]:
+        kept = self._select(pairs, outputs)
         sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
         mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
-        rendered = render_pairs(kept, sizes, mask_thresholds, masks_per_pass(self.device))
+        with_rle = [prompt.include_rle for _, prompt in pairs]
+        renderer = MaskRenderer(kept, sizes, mask_thresholds, masks_per_pass(self.device), with_rle)
+        while not renderer.done:
+            renderer.drop({pair for pair, (job_index, _) in enumerate(pairs) if not wanted(job_index)})
+            renderer.render(pixels_per_slice(self.device))
         return [
-            PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
-            for pair, (height, width) in zip(rendered, sizes, strict=True)
+            None
+            if pair is None
+            else PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
+            for pair, (height, width) in zip(renderer.result(), sizes, strict=True)
         ]
 
 
@@ -272,6 +366,30 @@ def _warm_up_jobs(images: int, prompts_per_image: int) -> list[Job]:
     """Blank images with prompts nothing passes (threshold 1): every device path runs, nothing is post-processed."""
     prompts = [Prompt("warm up", score_threshold=1.0)] * prompts_per_image
     return [Job(WARM_UP_IMAGE, prompts) for _ in range(images)]
+
+
+class _Gate:
+    """Which jobs are still wanted: asks a job at each stage boundary until it gives a reason to stop, then
+    remembers the reason."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self._jobs = jobs
+        self.reasons: dict[int, str] = {}
+
+    def wanted(self, index: int) -> bool:
+        if index not in self.reasons and (reason := self._jobs[index].abandoned()):
+            self.reasons[index] = reason
+        return index not in self.reasons
+
+
+@dataclass
+class _Selected:
+    """A sliced job between its units: what is left to render, and how to put its results back in prompt order."""
+
+    renderer: MaskRenderer
+    order: list[int]  # the prompt index of each rendered pair (head groups may reorder them)
+    size: tuple[int, int]  # (height, width)
+    clock: _StageClock
 
 
 @dataclass
@@ -286,7 +404,10 @@ class _HeadOutputs:
 
 class _StageClock:
     """Time per stage. On CUDA, events recorded on the stream mark the stage ends, so timing never makes the host
-    wait for the GPU: it queues the next stage while the GPU runs this one. Read once, at the end of the batch."""
+    wait for the GPU: it queues the next stage while the GPU runs this one. Read once, at the end of the batch.
+    Time up to an IDLE mark (other work between a sliced job's units) counts for no stage."""
+
+    IDLE = "idle"
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
@@ -309,4 +430,4 @@ class _StageClock:
         for (_, before), (stage, after) in itertools.pairwise(self._marks):
             elapsed = before.elapsed_time(after) if self._cuda else (after - before) * 1000
             totals[stage] = totals.get(stage, 0.0) + elapsed
-        return {stage: round(ms, 3) for stage, ms in totals.items()}
+        return {stage: round(ms, 3) for stage, ms in totals.items() if stage != self.IDLE}

@@ -119,6 +119,17 @@ def exif_orientation(image: Image.Image) -> int:
     return 1
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as stored, read from the image header alone (Pillow's open decodes no pixels: microseconds);
+    None when the header cannot be read (decode_image then says why). EXIF rotation is not applied: it swaps the
+    two, the pixel count stays."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # any malformed header: decode_image is where it gets its explanation
+        return None
+
+
 def _decode_jpeg_on(device: str | torch.device, image: Image.Image, data: bytes) -> DecodedImage | None:
     """A complete RGB or grey JPEG that needs no EXIF rotation, decoded by torchvision on `device`.
 

@@ -9,6 +9,7 @@ pass, 0.91 s one per pass).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,18 @@ class KeptQueries:
     scores: torch.Tensor  # [N]
     boxes: torch.Tensor  # [N, 4] normalised xyxy
     mask_logits: torch.Tensor  # [N, h, w]
+
+    @staticmethod
+    def concat(parts: list[KeptQueries]) -> KeptQueries:
+        """Several head calls' kept queries as one, pairs in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return KeptQueries(
+            counts=[count for part in parts for count in part.counts],
+            scores=torch.cat([part.scores for part in parts]),
+            boxes=torch.cat([part.boxes for part in parts]),
+            mask_logits=torch.cat([part.mask_logits for part in parts]),
+        )
 
 
 @dataclass
@@ -68,47 +81,136 @@ def masks_per_pass(device: torch.device) -> int:
     return MASKS_PER_GPU_PASS if device.type == "cuda" else 1
 
 
+def pixels_per_slice(device: torch.device) -> int:
+    """The mask pixels of one post-processing slice: a GPU pass (32 full-HD masks) on a GPU, one full-HD mask on the
+    CPU. A slice renders at least one pass, so a larger mask is a slice of its own."""
+    return masks_per_pass(device) * FULL_HD_PIXELS
+
+
 def render_pairs(
-    kept: KeptQueries, sizes: list[tuple[int, int]], mask_thresholds: list[float], per_pass: int
+    kept: KeptQueries,
+    sizes: list[tuple[int, int]],
+    mask_thresholds: list[float],
+    per_pass: int,
+    with_rle: list[bool] | None = None,
 ) -> list[RenderedPair]:
-    """Kept queries -> each pair's instances (original-size boxes, areas, RLEs) and union mask.
+    """Kept queries -> each pair's instances (original-size boxes, areas, RLEs) and union mask, in one go.
 
     sizes are (height, width) per pair. Up to per_pass consecutive masks of one size share a pass; only the
     areas, RLE strings, scores, boxes and union masks reach the host. A query whose mask is empty at the image's
     size (a small image samples few points of the logits; a high mask threshold) is no instance and is dropped,
-    so a pair may hold fewer instances than it kept queries; it adds nothing to the union either.
+    so a pair may hold fewer instances than it kept queries; it adds nothing to the union either. with_rle: per
+    pair, whether its instances get an RLE (None: all); the others' RLEs are not computed and are None.
     """
-    owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
-    mask_sizes = [sizes[pair] for pair in owner]
-    unions: list[torch.Tensor | None] = [None] * len(sizes)
-    areas: list[torch.Tensor] = []
-    rles: list[dict] = []
-    for start, stop in _passes(mask_sizes, per_pass):
-        height, width = mask_sizes[start]
-        thresholds = _on_device([mask_thresholds[pair] for pair in owner[start:stop]], kept.mask_logits.device)
+    renderer = MaskRenderer(kept, sizes, mask_thresholds, per_pass, with_rle)
+    renderer.render()
+    return renderer.result()
+
+
+class MaskRenderer:
+    """render_pairs in slices: each `render(max_pixels)` renders the next passes, so a caller can stop between
+    slices (the job was abandoned) or let other work use the device in between. Any slicing gives the same
+    result as rendering in one go; full-resolution masks live for one pass only."""
+
+    def __init__(
+        self,
+        kept: KeptQueries,
+        sizes: list[tuple[int, int]],
+        mask_thresholds: list[float],
+        per_pass: int,
+        with_rle: list[bool] | None = None,
+    ) -> None:
+        self._kept = kept
+        self._sizes = sizes
+        self._mask_thresholds = mask_thresholds
+        self._with_rle = with_rle if with_rle is not None else [True] * len(sizes)
+        self._owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
+        self._mask_sizes = [sizes[pair] for pair in self._owner]
+        self._passes = deque(_passes(self._mask_sizes, per_pass))
+        self._unions: list[torch.Tensor | None] = [None] * len(sizes)
+        self._areas: list[torch.Tensor] = []
+        self._rles: list[dict | None] = []
+        self._dropped: set[int] = set()
+
+    @property
+    def done(self) -> bool:
+        return not self._passes
+
+    def render(self, max_pixels: int | None = None) -> int:
+        """Render the next pass, then more while this slice's mask pixels stay within max_pixels (None: all).
+        Returns the mask pixels rendered."""
+        pixels = 0
+        while self._passes:
+            start, stop = self._passes[0]
+            height, width = self._mask_sizes[start]
+            size = (stop - start) * height * width
+            if pixels and max_pixels is not None and pixels + size > max_pixels:
+                break
+            self._passes.popleft()
+            if all(self._owner[index] in self._dropped for index in range(start, stop)):
+                self._skip(start, stop)
+            else:
+                self._render_pass(start, stop)
+                pixels += size
+        return pixels
+
+    def drop(self, pairs: set[int]) -> None:
+        """Stop rendering these pairs (their job was abandoned): later passes that hold only their masks are skipped,
+        and result() has None for them."""
+        self._dropped |= pairs
+
+    def _render_pass(self, start: int, stop: int) -> None:
+        kept, owner = self._kept, self._owner
+        height, width = self._mask_sizes[start]
+        thresholds = _on_device([self._mask_thresholds[pair] for pair in owner[start:stop]], kept.mask_logits.device)
         masks = upsample_masks(kept.mask_logits[start:stop], height, width, thresholds)
-        areas.append(torch.count_nonzero(masks, dim=(1, 2)))
-        rles += encode_rle(masks)
+        self._areas.append(torch.count_nonzero(masks, dim=(1, 2)))
+        self._rles += self._encode(masks, start, stop)
         for pair, first, last in _runs(owner, start, stop):
             piece = masks[first - start : last - start].any(dim=0)
-            unions[pair] = piece if unions[pair] is None else unions[pair] | piece
+            union = self._unions[pair]
+            self._unions[pair] = piece if union is None else union | piece
 
-    scale = _on_device([[w, h, w, h] for h, w in mask_sizes], kept.boxes.device).reshape(-1, 4)
-    boxes = torch.minimum((kept.boxes * scale).clamp(min=0), scale).tolist()
-    instances = [
-        Instance(score=float(score), box=tuple(round(float(v), 2) for v in box), area=int(area), rle=rle)
-        for score, box, area, rle in zip(
-            kept.scores.tolist(), boxes, torch.cat(areas).tolist() if areas else [], rles, strict=True
-        )
-    ]
-    rendered, offset = [], 0
-    for pair, count in enumerate(kept.counts):
-        union = unions[pair]
-        union_mask = union.cpu().numpy() if union is not None else np.zeros(sizes[pair], dtype=bool)
-        kept_instances = [instance for instance in instances[offset : offset + count] if instance.area]
-        rendered.append(RenderedPair(instances=kept_instances, union_mask=union_mask))
-        offset += count
-    return rendered
+    def _encode(self, masks: torch.Tensor, start: int, stop: int) -> list[dict | None]:
+        """RLEs of the pass's masks whose pair wants them (None for the others): consecutive masks with the same wish
+        are encoded together, so a pass of RLE-wanting pairs is one encoding call as before."""
+        wants = [self._with_rle[pair] for pair in self._owner[start:stop]]
+        rles: list[dict | None] = []
+        first = 0
+        for index in range(1, len(wants) + 1):
+            if index == len(wants) or wants[index] != wants[first]:
+                rles += encode_rle(masks[first:index]) if wants[first] else [None] * (index - first)
+                first = index
+        return rles
+
+    def _skip(self, start: int, stop: int) -> None:
+        self._areas.append(torch.zeros(stop - start, dtype=torch.long, device=self._kept.mask_logits.device))
+        self._rles += [None] * (stop - start)
+
+    def result(self) -> list[RenderedPair | None]:
+        """Each pair's instances and union mask (None for a dropped pair), once `done`."""
+        if not self.done:
+            raise RuntimeError("render() has passes left")
+        kept, sizes = self._kept, self._sizes
+        scale = _on_device([[w, h, w, h] for h, w in self._mask_sizes], kept.boxes.device).reshape(-1, 4)
+        boxes = torch.minimum((kept.boxes * scale).clamp(min=0), scale).tolist()
+        areas = torch.cat(self._areas).tolist() if self._areas else []
+        instances = [
+            Instance(score=float(score), box=tuple(round(float(v), 2) for v in box), area=int(area), rle=rle)
+            for score, box, area, rle in zip(kept.scores.tolist(), boxes, areas, self._rles, strict=True)
+        ]
+        rendered: list[RenderedPair | None] = []
+        offset = 0
+        for pair, count in enumerate(kept.counts):
+            union = self._unions[pair]
+            if pair in self._dropped:
+                rendered.append(None)
+            else:
+                union_mask = union.cpu().numpy() if union is not None else np.zeros(sizes[pair], dtype=bool)
+                kept_instances = [instance for instance in instances[offset : offset + count] if instance.area]
+                rendered.append(RenderedPair(instances=kept_instances, union_mask=union_mask))
+            offset += count
+        return rendered
 
 
 def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_thresholds: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ class Prompt:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_instances: int = 100
+    include_rle: bool = True  # False: instances carry no RLE (none is computed); areas, boxes, union stay exact
 
     def __post_init__(self) -> None:
         if not (self.text and self.text.strip()) and not self.boxes:
@@ -40,12 +42,29 @@ class Prompt:
         return self.text.strip() if self.text and self.text.strip() else BOX_ONLY_TEXT
 
 
+def _still_wanted() -> str | None:
+    return None
+
+
 @dataclass
 class Job:
-    """One decoded image (HxWx3 uint8 RGB, display orientation) with the prompts to run on it."""
+    """One decoded image (HxWx3 uint8 RGB, display orientation) with the prompts to run on it.
+
+    `abandoned` is asked at every stage boundary (before the vision pass, between head chunks, between
+    post-processing slices): a reason (e.g. "cancelled") stops the job there, and the engine returns
+    Abandoned(reason) for it while the other jobs of its batch go on.
+    """
 
     image: np.ndarray
     prompts: list[Prompt]
+    abandoned: Callable[[], str | None] = _still_wanted
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A job the engine stopped early: nobody wants its result any more."""
+
+    reason: str
 
 
 @dataclass
@@ -53,7 +72,7 @@ class Instance:
     score: float
     box: tuple[float, float, float, float]  # xyxy, original-image pixels
     area: int
-    rle: dict  # COCO RLE: {"size": [h, w], "counts": str}
+    rle: dict | None  # COCO RLE: {"size": [h, w], "counts": str}; None when its prompt did not ask for it
 
 
 @dataclass

@@ -22,8 +22,19 @@ def free_port() -> int:
 
 
 class ServedBento:
-    def __init__(self, env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> None:
+    """`target` is what `bentoml serve` serves, imported from `directory`: the Bento by default."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        host: str = "127.0.0.1",
+        target: str = "service:Gateway",
+        directory: Path = ROOT,
+    ) -> None:
         self.host = host
+        self.target = target
+        self.directory = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -42,7 +53,7 @@ class ServedBento:
             "-m",
             "bentoml",
             "serve",
-            "service:Gateway",
+            self.target,
             "--host",
             self.host,
             "--port",
@@ -50,7 +61,12 @@ class ServedBento:
         ]
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            command, cwd=ROOT, env=self._env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=self.directory,
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -224,6 +224,11 @@ def test_box_outside_the_image_fails_the_row_with_invalid_box(stack_server, supa
     assert task_row(supabase, task_id)["status"] == "failed"
 
 
+class NeverCalled:
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        raise AssertionError("the model must not be called when the download failed")
+
+
 class BlackHole:
     """Accepts TCP connections and never answers: a storage server that hangs."""
 
@@ -263,10 +268,7 @@ def test_slow_r2_times_out_with_a_clear_error_and_a_failed_row(r2, supabase):
         )
         tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
 
-        async def never_called(item):
-            raise AssertionError("the model must not be called when the download failed")
-
-        pipeline = PredictPipeline(store, tasks, never_called, Limits(10**7, 10**8))
+        pipeline = PredictPipeline(store, tasks, NeverCalled(), Limits(10**7, 10**8, 40_000, 2_500))
         task_id, user_id = new_task_row(supabase)
         started = time.monotonic()
         with pytest.raises(ApiError) as error:

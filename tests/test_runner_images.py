@@ -10,7 +10,7 @@ import torch
 from conftest import encode, random_image
 from PIL import Image, ImageOps
 
-from sam3_runner import ImageDecodeError, ImageTooLarge, Job, Prompt, decode_image
+from sam3_runner import ImageDecodeError, ImageTooLarge, Job, Prompt, decode_image, header_size
 
 
 def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
@@ -115,6 +115,12 @@ def test_pixel_cap_refuses_before_decoding():
     huge_header = _saved(Image.new("L", (5000, 5000)))
     with pytest.raises(ImageTooLarge, match="25000000 pixels"):
         decode_image(huge_header, max_pixels=1_000_000)
+
+
+def test_header_size_reads_the_stored_size_without_decoding(rng):
+    assert header_size(_saved(Image.new("L", (5000, 4000)))[:200]) == (5000, 4000)  # the header alone suffices
+    assert header_size(exif_jpeg(random_image(rng, 40, 80), 6)) == (80, 40)  # as stored: same pixel count
+    assert header_size(b"") is None and header_size(b"not an image") is None
 
 
 # --- plain JPEGs go to torchvision's decoder: on the CPU by default, on the GPU with SAM3_JPEG_DECODE=device -----

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from conftest import random_image
 from runner_asserts import assert_same_result, decode_rle
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from sam3_runner import BoxPrompt, Job, Prompt
+from sam3_runner import Abandoned, BoxPrompt, Job, Prompt, Sam3Engine
+from sam3_runner.postprocess import FULL_HD_PIXELS
 
 ALL = {"score_threshold": 0.0, "max_instances": 200}
 
@@ -177,3 +181,80 @@ def test_threshold_0_on_a_small_image_returns_no_empty_instance(engine, rng, hei
             union |= mask
         assert np.array_equal(union, result.union_mask)
     assert any(result.instances for result in results)
+
+
+def test_a_job_abandoned_between_post_processing_slices_stops_there_and_its_batch_goes_on(engine, rng):
+    """On the CPU a slice is one full-HD mask's pixels, so each of the big image's masks is a slice of its own."""
+    big = random_image(rng, 1200, 1600)
+    assert 1200 * 1600 <= FULL_HD_PIXELS < 2 * 1200 * 1600
+    asked = []
+
+    def abandoned_at_the_second_slice():
+        asked.append(True)  # before the vision pass, at the head chunk, before slice 1, before slice 2
+        return "cancelled" if len(asked) == 4 else None
+
+    small = random_image(rng, 40, 60)
+    jobs = [
+        Job(big, [Prompt("cat", **ALL)], abandoned=abandoned_at_the_second_slice),
+        Job(small, [Prompt("dog", **ALL)]),
+    ]
+    outcomes = engine.run(jobs)
+    assert outcomes[0] == Abandoned("cancelled")
+    assert len(asked) == 4  # not asked again: the rest of its masks were never rendered
+    assert outcomes[1][0].instances == engine.run([Job(small, [Prompt("dog", **ALL)])])[0][0].instances
+
+
+def test_a_job_abandoned_before_the_vision_pass_costs_nothing(engine, rng):
+    image = random_image(rng, 40, 60)
+    jobs = [Job(image, [Prompt("cat", **ALL)], abandoned=lambda: "inference_timeout"), Job(image, [Prompt("cat")])]
+    outcomes = engine.run(jobs)
+    assert outcomes[0] == Abandoned("inference_timeout") and len(outcomes[1]) == 1
+    assert engine.run(jobs[:1]) == [Abandoned("inference_timeout")]
+
+
+def test_a_sliced_job_gives_what_the_batch_gives(engine, rng):
+    """Several head chunks (2 pairs per call), text and box prompts, many slices (a 1200x1600 mask per slice)."""
+    chunked = Sam3Engine(engine.loaded, max_pairs_per_forward=2)
+    image = random_image(rng, 1200, 1600)
+    prompts = [Prompt("cat", **ALL), Prompt("dog", boxes=(BoxPrompt(5, 5, 400, 300),), **ALL), Prompt("tree", **ALL)]
+    sliced = chunked.run_sliced(Job(image, prompts))
+    batched = chunked.run([Job(image, prompts)])[0]
+    assert len(sliced) == 3
+    for got, want in zip(sliced, batched, strict=True):
+        assert got.instances == want.instances and np.array_equal(got.union_mask, want.union_mask)
+        assert {"preprocess", "vision", "text", "heads", "postprocess", "total"} <= set(got.timings_ms)
+
+
+def test_batches_run_between_the_slices_of_a_heavy_job(engine, rng):
+    """The heavy job pauses between two of its slices until a batch submitted then has been served: were the whole
+    job one unit of device work, the batch would queue behind it and the pause would fail after 60 s."""
+    heavy_between_slices, batch_served = threading.Event(), threading.Event()
+    asked = []
+
+    def pause_at_the_second_slice():
+        asked.append(True)  # before the first unit, at the head chunk, before slice 1, before slice 2
+        if len(asked) == 4:
+            heavy_between_slices.set()
+            assert batch_served.wait(60)
+        return None
+
+    heavy = Job(random_image(rng, 1200, 1600), [Prompt("cat", **ALL)], abandoned=pause_at_the_second_slice)
+    small = Job(random_image(rng, 40, 60), [Prompt("dog", **ALL)])
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(engine.run_sliced, heavy)
+        assert heavy_between_slices.wait(60)
+        served = engine.run([small])
+        batch_served.set()
+        results = running.result(timeout=120)
+    assert served[0][0].instances and len(results[0].instances) == 8 and len(asked) > 4
+
+
+def test_a_sliced_job_abandoned_between_slices_stops_there(engine, rng):
+    asked = []
+
+    def abandoned_at_the_second_slice():
+        asked.append(True)
+        return "cancelled" if len(asked) == 4 else None
+
+    job = Job(random_image(rng, 1200, 1600), [Prompt("cat", **ALL)], abandoned=abandoned_at_the_second_slice)
+    assert engine.run_sliced(job) == Abandoned("cancelled") and len(asked) == 4

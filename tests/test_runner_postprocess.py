@@ -8,7 +8,7 @@ import torch
 from pycocotools import mask as mask_utils
 from runner_asserts import decode_rle
 
-from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, _passes, render_pairs
+from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, MaskRenderer, _passes, render_pairs
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
 
 
@@ -84,11 +84,7 @@ def _assert_rendered_like_the_reference(kept, sizes, mask_thresholds, rendered):
         assert pair.union_mask.shape == (height, width) and np.array_equal(pair.union_mask, union)
 
 
-@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])  # the CPU's and the GPU's
-def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
-    """Prompts of two image sizes, with their own mask thresholds, none or many instances (passes that hold
-    several prompts, prompts spread over several passes): every instance and union is what rendering that
-    instance alone gives."""
+def _prompts_of_two_sizes() -> tuple[KeptQueries, list[tuple[int, int]], list[float]]:
     generator = torch.Generator().manual_seed(3)
     counts = [0, 5, MASKS_PER_GPU_PASS + 7, 1, 0, 2]
     sizes = [(30, 50), (30, 50), (30, 50), (41, 23), (41, 23), (30, 50)]
@@ -100,8 +96,17 @@ def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
         boxes=torch.rand(total, 4, generator=generator) * 1.2 - 0.1,  # some outside the image: clamped
         mask_logits=torch.randn(total, 12, 12, generator=generator) * 3 - 4,  # small objects: unions differ
     )
+    return kept, sizes, mask_thresholds
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])  # the CPU's and the GPU's
+def test_masks_rendered_across_prompts_match_each_rendered_alone(per_pass):
+    """Prompts of two image sizes, with their own mask thresholds, none or many instances (passes that hold
+    several prompts, prompts spread over several passes): every instance and union is what rendering that
+    instance alone gives."""
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
     rendered = render_pairs(kept, sizes, mask_thresholds, per_pass)
-    assert sum(len(pair.instances) for pair in rendered) > total // 2
+    assert sum(len(pair.instances) for pair in rendered) > sum(kept.counts) // 2
     _assert_rendered_like_the_reference(kept, sizes, mask_thresholds, rendered)
 
 
@@ -181,3 +186,57 @@ def test_a_pass_holds_fewer_masks_of_a_larger_image():
     full_hd, huge = (1080, 1920), (7071, 7071)
     passes = _passes([full_hd] * 40 + [huge] * 3, MASKS_PER_GPU_PASS)
     assert passes == [(0, 32), (32, 40), (40, 41), (41, 42), (42, 43)]
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+@pytest.mark.parametrize("max_pixels", [1, 30 * 50, 5 * 30 * 50, 10**9])  # one pass per slice ... all in one
+def test_rendering_in_slices_gives_what_rendering_in_one_go_gives(per_pass, max_pixels):
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    whole = render_pairs(kept, sizes, mask_thresholds, per_pass)
+    renderer = MaskRenderer(kept, sizes, mask_thresholds, per_pass)
+    slices = []
+    while not renderer.done:
+        slices.append(renderer.render(max_pixels))
+    sliced = renderer.result()
+    assert [pair.instances for pair in sliced] == [pair.instances for pair in whole]
+    for got, want in zip(sliced, whole, strict=True):
+        assert got.union_mask.dtype == want.union_mask.dtype and np.array_equal(got.union_mask, want.union_mask)
+    mask_sizes = [size for size, count in zip(sizes, kept.counts, strict=True) for _ in range(count)]
+    assert sum(slices) == sum(height * width for height, width in mask_sizes)
+    passes = _passes(mask_sizes, per_pass)
+    largest_pass = max((stop - start) * mask_sizes[start][0] * mask_sizes[start][1] for start, stop in passes)
+    assert all(pixels <= max(max_pixels, largest_pass) for pixels in slices)
+    if max_pixels == 1:
+        assert len(slices) == len(passes)  # a slice renders at least one pass
+
+
+def test_a_dropped_pair_is_no_longer_rendered_and_the_others_are_unchanged():
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    whole = render_pairs(kept, sizes, mask_thresholds, 1)
+    renderer = MaskRenderer(kept, sizes, mask_thresholds, 1)
+    first = renderer.render(1)  # pair 1's first mask
+    renderer.drop({2})
+    rest = 0
+    while not renderer.done:
+        rest += renderer.render(1)
+    result = renderer.result()
+    assert result[2] is None
+    assert [pair.instances for index, pair in enumerate(result) if index != 2] == [
+        pair.instances for index, pair in enumerate(whole) if index != 2
+    ]
+    all_pixels = sum(height * width * count for (height, width), count in zip(sizes, kept.counts, strict=True))
+    assert first + rest == all_pixels - kept.counts[2] * sizes[2][0] * sizes[2][1]
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+def test_pairs_without_rle_get_none_and_everything_else_unchanged(per_pass):
+    kept, sizes, mask_thresholds = _prompts_of_two_sizes()
+    with_rle = [True, False, False, True, False, True]
+    full = render_pairs(kept, sizes, mask_thresholds, per_pass)
+    lean = render_pairs(kept, sizes, mask_thresholds, per_pass, with_rle)
+    for wanted, got, want in zip(with_rle, lean, full, strict=True):
+        assert [(i.score, i.box, i.area) for i in got.instances] == [(i.score, i.box, i.area) for i in want.instances]
+        assert [i.rle for i in got.instances] == (
+            [i.rle for i in want.instances] if wanted else [None] * len(got.instances)
+        )
+        assert np.array_equal(got.union_mask, want.union_mask)

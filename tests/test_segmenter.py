@@ -10,7 +10,7 @@ import torch
 from conftest import encode, random_image
 from meta_checkpoints import write_meta_checkpoint
 
-from backend.protocol import make_item, unpack_mask
+from backend.protocol import addressed, make_item, unpack_mask
 from backend.segmenter import Segmenter
 from backend.settings import Settings
 from sam3_runner import BoxPrompt, Prompt, WeightsError
@@ -66,6 +66,47 @@ def test_a_box_may_run_past_the_right_and_bottom_edge_but_must_overlap_the_image
     assert [o["error"]["code"] for o in outcomes[2:]] == ["invalid_box", "invalid_box"]
     drawn, clamped = ([i["score"] for i in o["results"][0]["instances"]] for o in outcomes[:2])
     assert drawn and not np.allclose(sorted(drawn), sorted(clamped), atol=1e-5)
+
+
+def test_items_past_their_deadline_or_cancelled_are_stopped_and_their_batch_is_served(segmenter):
+    batch = items(4)
+    batch[1] = addressed(batch[1], "late", deadline=time.time() - 1)
+    batch[2] = addressed(batch[2], "gone", deadline=time.time() + 60)
+    batch[3] = addressed(batch[3], "wanted", deadline=time.time() + 60)
+    segmenter.cancel(["gone"])
+    before = segmenter.status()["batching"]
+    outcomes = segmenter.segment(batch)
+    assert [o["ok"] for o in outcomes] == [True, False, False, True]
+    assert [o["error"]["code"] for o in outcomes[1:3]] == ["inference_timeout", "cancelled"]
+    assert "MODEL_TIMEOUT_S" in outcomes[1]["error"]["message"]
+    after = segmenter.status()["batching"]
+    assert (after["timed_out"], after["cancelled"]) == (before["timed_out"] + 1, before["cancelled"] + 1)
+
+
+def test_a_sliced_item_gets_what_the_batch_gives_it(segmenter):
+    item = make_item(
+        encode(random_image(np.random.default_rng(4), 300, 400)), [Prompt("cat", score_threshold=0.0)] * 3, 10**8
+    )
+    before = segmenter.status()["batching"]["sliced"]
+    sliced, batched = segmenter.segment_sliced(item), segmenter.segment([item])[0]
+    assert sliced["ok"] and segmenter.status()["batching"]["sliced"] == before + 1
+    for got, want in zip(sliced["results"], batched["results"], strict=True):
+        assert got["instances"] == want["instances"] and got["mask_bits"] == want["mask_bits"]
+    late = addressed(item, "late", deadline=time.time() - 1)
+    assert segmenter.segment_sliced(late)["error"]["code"] == "inference_timeout"
+    assert segmenter.segment_sliced(make_item(b"junk", [Prompt("cat")], 10**8))["error"]["code"] == "invalid_image"
+
+
+def test_without_rle_the_model_computes_none_and_the_same_areas_and_union(segmenter):
+    image = encode(random_image(np.random.default_rng(6), 50, 70))
+    with_rle, without = segmenter.segment(
+        [make_item(image, [Prompt("cat", score_threshold=0.0, include_rle=flag)], 10**8) for flag in (True, False)]
+    )
+    kept, lean = with_rle["results"][0], without["results"][0]
+    assert kept["instances"] and all(instance["rle"] for instance in kept["instances"])
+    assert [instance["rle"] for instance in lean["instances"]] == [None] * len(kept["instances"])
+    assert [{**instance, "rle": None} for instance in kept["instances"]] == lean["instances"]
+    assert lean["mask_bits"] == kept["mask_bits"]
 
 
 def test_out_of_memory_splits_the_batch_and_retries(segmenter, monkeypatch):

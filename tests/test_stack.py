@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 from conftest import encode, random_image
+from in_process import InProcessModel
 from PIL import Image
 from stack import STACK_API_KEY, new_task_row, running, s3_client, task_row
 
@@ -228,10 +229,7 @@ def pipeline_for(r2_env, supabase_env, segmenter, secret=None):
     )
     tasks = SupabaseTaskStore(supabase_env["SUPABASE_URL"], supabase_env["SUPABASE_SERVICE_ROLE_KEY"], timeout_s=3)
 
-    async def segment(item):
-        return (await asyncio.to_thread(segmenter.segment, [item]))[0]
-
-    return PredictPipeline(store, tasks, segment, Limits(20_000_000, 50_000_000))
+    return PredictPipeline(store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500))
 
 
 def run_predict(pipeline, task_id, user_id, image_url="images/in.jpg"):

@@ -1,0 +1,105 @@
+"""The gateway's calls to the model service, and what a failed call means to the caller.
+
+BentoML's client (1.4.40, `_bentoml_impl/client/http.py`) fails in four ways; each gets its own answer, so that a
+503 means only "the model is down or loading" (tests/test_model_client.py serves a stand-in to produce each one):
+
+- the service cannot be reached (down, restarting): httpx.ConnectError or another transport error
+  -> 503 model_unavailable, retry;
+- the service answered 503: its adaptive batcher dropped the request because the queue's predicted latency
+  exceeds MAX_LATENCY_MS (the only 503 BentoML's service app gives an API call) -> 429 model_busy with Retry-After:
+  the model is up but overloaded;
+- the service answered 504 (its traffic timeout, MODEL_TIMEOUT_S) or the client's own timer ran out
+  (httpx.TimeoutException; the client waits the traffic timeout x 1.01) -> 504 inference_timeout;
+- the service answered another error: 500 when the API raised -> 500 inference_failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+import httpx
+from bentoml.exceptions import BentoMLException
+
+from backend.errors import ApiError
+from backend.protocol import addressed
+
+log = logging.getLogger(__name__)
+
+
+class ModelClient:
+    """`remote` is BentoML's async client of the model service (`bentoml.depends(Sam3Model).to_async`)."""
+
+    def __init__(self, remote: Any, timeout_s: float, retry_after_s: int) -> None:
+        self._remote = remote
+        self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+        self._cancels: set[asyncio.Task] = set()
+
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        """One item through the batched API, or alone through the sliced one: the model service's outcome, or the
+        contract's ApiError.
+
+        The item goes with a request id and a deadline (now + MODEL_TIMEOUT_S); if this call is cancelled (the
+        caller disconnected, the request timed out, shutdown), the model service is told to stop the item.
+        """
+        request_id = uuid.uuid4().hex
+        sent = addressed(item, request_id, time.time() + self._timeout_s)
+        try:
+            if sliced:
+                return await self._remote.segment_sliced(sent)
+            return (await self._remote.segment([sent]))[0]
+        except asyncio.CancelledError:
+            self._cancel_soon([request_id])
+            raise
+        except Exception as exc:  # the client raises transport and HTTP errors of many kinds
+            raise self._error(exc) from None
+
+    def _cancel_soon(self, request_ids: list[str]) -> None:
+        """Fire and forget, in a task of its own: the cancellation that brought us here must not stop it."""
+        task = asyncio.get_running_loop().create_task(self._cancel(request_ids))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, request_ids: list[str]) -> None:
+        try:
+            await self._remote.cancel(request_ids=request_ids)
+        except Exception as exc:  # the item's deadline still bounds the work: log and move on
+            log.warning("could not cancel %d model request(s): %s", len(request_ids), type(exc).__name__)
+
+    def _error(self, exc: Exception) -> ApiError:
+        """A failed call -> the contract's error (see the module docstring)."""
+        log.error("the model service call failed: %s %s", type(exc).__name__, getattr(exc, "error_code", ""))
+        if isinstance(exc, httpx.ConnectTimeout):
+            return _unavailable()
+        if isinstance(exc, httpx.TimeoutException):
+            return self._timed_out()
+        if isinstance(exc, httpx.TransportError):
+            return _unavailable()
+        status = exc.error_code if isinstance(exc, BentoMLException) else None
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            return ApiError(
+                429,
+                "model_busy",
+                f"the model is busy with other requests; retry in {self._retry_after_s} s",
+                headers={"Retry-After": str(self._retry_after_s)},
+            )
+        if status == HTTPStatus.GATEWAY_TIMEOUT:
+            return self._timed_out()
+        return ApiError(500, "inference_failed", "the model service failed on this request")
+
+    def _timed_out(self) -> ApiError:
+        return ApiError(
+            504,
+            "inference_timeout",
+            f"the model did not finish this request within {self._timeout_s:g} s (MODEL_TIMEOUT_S); "
+            "fewer prompts, a lower max_instances or a smaller image make it faster",
+        )
+
+
+def _unavailable() -> ApiError:
+    return ApiError(503, "model_unavailable", "the model service is unavailable; retry shortly")
