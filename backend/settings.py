@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     # The most mask megapixels (prompts x max_instances x image megapixels: the full-resolution mask pixels that
     # post-processing may render, backend/cost.py) one request may ask for; above it: 422 request_too_heavy.
     # 40,000 admits every everyday request up to 32 prompts x 100 instances on a 12 MP phone photo (4032x3024:
-    # 39,000; full HD: 6,600), and refuses e.g. 32 x 200 on that photo (78,000) or 32 x 100 on a 50 MP image
-    # (160,000). On the H100 post-processing ran at ~20,000 MP/s with object-like masks (106 full-HD masks in 11 ms,
+    # 39,000; full HD: 6,600; the 4000x3000 x 32 prompts: 38,400, served alone in slices), and refuses
+    # e.g. 32 x 200 on that photo (78,000) or 32 x 100 on a 50 MP image (160,000). On the H100 post-processing
+    # ran at ~20,000 MP/s with object-like masks (106 full-HD masks in 11 ms,
     # bench/results/2026-11-26-nvidia-h100-80gb-hbm3.json): 40,000 is ~2 s of GPU time, and ~53 s with the noisiest
     # masks measured (random weights, ~750 MP/s): still within MODEL_TIMEOUT_S. The 2-core CPU renders ~170 MP/s
     # idle and 15-60 MP/s when shared: lower it (or raise MODEL_TIMEOUT_S) on a CPU-only server.
