@@ -6,8 +6,10 @@ import logging
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from webhooks import CallbackPolicy, check_secret
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,30 @@ class Settings(BaseSettings):
     max_batch_prompts: int = Field(32, ge=1)
     max_boxes: int = Field(16, ge=1)
 
-    @field_validator("cors_origins", mode="before")
+    # Webhooks (callback_url of async jobs): the origins a callback may target (empty = webhooks off) and the
+    # Standard Webhooks signing secret (whsec_...), required when the list is not empty.
+    webhook_allowed_origins: Annotated[list[str], NoDecode] = []
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+
+    @field_validator("cors_origins", "webhook_allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        CallbackPolicy(self.webhook_allowed_origins)
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if secret:
+            check_secret(secret)
+        elif self.webhook_allowed_origins:
+            raise ValueError("WEBHOOK_ALLOWED_ORIGINS is set but WEBHOOK_SECRET is empty: webhooks must be signed")
+        return self
 
     @property
     def production(self) -> bool:
@@ -90,7 +110,13 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line or a response body."""
-        values = [self.hf_token, self.r2_secret_access_key, self.supabase_service_key, self.api_secret_key]
+        values = [
+            self.hf_token,
+            self.r2_secret_access_key,
+            self.supabase_service_key,
+            self.api_secret_key,
+            self.webhook_secret,
+        ]
         return [value.get_secret_value() for value in values if value and value.get_secret_value()]
 
 
