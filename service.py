@@ -18,6 +18,7 @@ from backend import redaction
 from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
 from backend.auth import ApiKeyMiddleware
 from backend.errors import ApiError, error_response, validation_error_code
+from backend.paths import ControlCharacterPaths
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
@@ -177,3 +178,4 @@ async def _unknown_route(request: Request, path: str):
 
 
 Gateway.add_asgi_middleware(ApiKeyMiddleware, api_key=API_KEY)
+Gateway.add_asgi_middleware(ControlCharacterPaths)
