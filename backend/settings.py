@@ -91,7 +91,10 @@ class Settings(BaseSettings):
         CallbackPolicy(self.webhook_allowed_origins)
         secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
         if secret:
-            check_secret(secret)
+            try:
+                check_secret(secret)
+            except ValueError as exc:
+                raise ValueError(f"WEBHOOK_SECRET: {exc}") from None
         elif self.webhook_allowed_origins:
             raise ValueError("WEBHOOK_ALLOWED_ORIGINS is set but WEBHOOK_SECRET is empty: webhooks must be signed")
         return self

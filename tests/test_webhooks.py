@@ -275,5 +275,5 @@ def test_webhook_settings():
 def test_a_secret_not_in_the_standard_format_is_refused(secret):
     with pytest.raises(ValueError, match="webhook secret"):
         WebhookSender(secret, 10, 5, 1.0)
-    with pytest.raises(ValidationError, match="webhook secret"):
+    with pytest.raises(ValidationError, match="WEBHOOK_SECRET: the webhook secret"):
         Settings(webhook_secret=secret, _env_file=None)
