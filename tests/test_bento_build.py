@@ -48,6 +48,7 @@ def test_bento_environment_has_safe_defaults_and_no_secrets(bento):
     envs = {env["name"]: env.get("value") for env in manifest["envs"]}
     assert envs["SAM3_ENV"] == "production"
     assert envs["SAM3_WEIGHTS_PATH"] == "facebook/sam3"
+    assert envs["JOB_STORE_PATH"] == "/home/bentoml/jobs/jobs.sqlite3"  # a volume's mount point (README)
     assert not set(SECRETS) & set(envs)
 
 
@@ -77,6 +78,7 @@ def test_bento_carries_the_code(bento):
         "tasks/store.py",
         "backend/pipeline.py",
         "webhooks/sender.py",
+        "jobs/runner.py",
     ):
         assert (source / path).is_file(), path
     assert not (source / "tests").exists()
