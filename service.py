@@ -2,6 +2,7 @@
 
 Edge --X-API-Key--> Gateway: validate, row->processing, R2 download --> Sam3Model.segment (batched)
                     Gateway: mask PNG -> R2, row->completed | failed, JSON response
+With "async": true the gateway answers 202 once the job is recorded, and its job runner (jobs/) does the rest.
 """
 
 from __future__ import annotations
@@ -10,24 +11,37 @@ import asyncio
 import logging
 import os
 import signal
+import uuid
 
 import bentoml
-from fastapi import Request, Security
+from fastapi import Path, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from backend import redaction
-from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
+from backend.api_models import (
+    BatchPredictRequest,
+    BatchPredictResponse,
+    ErrorResponse,
+    JobAccepted,
+    PredictOptions,
+    PredictRequest,
+    PredictResponse,
+    TaskStatus,
+)
 from backend.auth import API_KEY_SCHEME, DOCS_ASSETS_PREFIX, ApiKeyMiddleware
 from backend.disconnect import until_disconnected
 from backend.errors import ApiError, error_response, validation_error_code
 from backend.model_client import ModelClient
+from backend.paths import ControlCharacterPaths
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
-from backend.wiring import build_store, build_task_store, check_auth, check_exposure, listening_hosts
+from backend.wiring import build_jobs, build_store, build_task_store, check_auth, check_exposure, listening_hosts
+from jobs import accepted_body, status_body
 
 log = logging.getLogger("sam3.service")
 settings = get_settings()
@@ -35,6 +49,15 @@ redaction.install(settings.secrets())
 API_KEY = check_auth(settings)
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 429, 500, 502, 503, 504)}
+PREDICT_RESPONSES = {
+    **ERRORS,
+    202: {"model": JobAccepted, "description": 'Accepted ("async": true): the job is recorded and runs'},
+    429: {
+        "model": ErrorResponse,
+        "description": "queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full",
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    },
+}
 KEYED = [Security(API_KEY_SCHEME)]  # documents X-API-Key on an operation (ApiKeyMiddleware enforces it)
 # FastAPIOffline: Swagger UI from the installed fastapi-offline package's files, no CDN (works offline).
 api = FastAPIOffline(
@@ -145,27 +168,57 @@ class Gateway:
                 settings.heavy_request_megapixels,
             ),
         )
+        self.jobs, self.runner = build_jobs(settings, self.pipeline, ready=self._model_ready)
+
+    @bentoml.on_startup
+    async def _start_jobs(self) -> None:
+        await self.runner.start()
+        self.runner.stop_claiming_on_signals()
+
+    @bentoml.on_shutdown
+    async def _stop_jobs(self) -> None:
+        """BentoML runs this in the lifespan shutdown, once uvicorn has answered the open HTTP requests."""
+        await self.runner.stop()
 
     # exclude_unset: an instance without `rle` (include_rle: false) answers without the key, not "rle": null
     @api.post(
         "/api/v1/predict",
         response_model=PredictResponse,
         response_model_exclude_unset=True,
-        responses=ERRORS,
+        responses=PREDICT_RESPONSES,
         dependencies=KEYED,
     )
-    async def predict(self, body: PredictRequest, request: Request) -> dict:
+    async def predict(self, body: PredictRequest, request: Request):
+        if body.run_async:
+            return await self._submit("predict", body)
         return await until_disconnected(request, self.pipeline.predict(body))
 
     @api.post(
         "/api/v1/predict/batch",
         response_model=BatchPredictResponse,
         response_model_exclude_unset=True,
-        responses=ERRORS,
+        responses=PREDICT_RESPONSES,
         dependencies=KEYED,
     )
-    async def predict_batch(self, body: BatchPredictRequest, request: Request) -> dict:
+    async def predict_batch(self, body: BatchPredictRequest, request: Request):
+        if body.run_async:
+            return await self._submit("predict_batch", body)
         return await until_disconnected(request, self.pipeline.predict_batch(body))
+
+    async def _submit(self, kind: str, body: PredictOptions) -> JSONResponse:
+        job = await self.jobs.submit(kind, body)
+        return JSONResponse(accepted_body(job), status_code=202)
+
+    @api.get("/api/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERRORS, dependencies=KEYED)
+    async def task_status(self, task_id: str = Path(description="The task_id an async request was sent with")):
+        try:
+            task_id = str(uuid.UUID(task_id))
+        except ValueError:
+            raise ApiError(422, "invalid_task_id", "task_id must be a UUID") from None
+        job = await self.jobs.store.get(task_id)
+        if job is None:
+            raise ApiError(404, "task_not_found", f"no async task {task_id} on this server (or it expired)")
+        return JSONResponse(status_body(job))
 
     @api.get("/api/v1/info", responses=ERRORS, dependencies=KEYED)
     @api.post("/api/v1/info", responses=ERRORS, dependencies=KEYED)
@@ -198,6 +251,9 @@ class Gateway:
             "auth": "api_key" if API_KEY else "disabled (dev mode)",
         }
 
+    async def _model_ready(self) -> bool:
+        return bool((await self._model_status()).get("model_loaded"))
+
     async def _model_status(self) -> dict:
         try:
             return await self.model.to_async.status()
@@ -228,3 +284,4 @@ async def _unknown_route(request: Request, path: str):
 
 
 Gateway.add_asgi_middleware(ApiKeyMiddleware, api_key=API_KEY)
+Gateway.add_asgi_middleware(ControlCharacterPaths)
