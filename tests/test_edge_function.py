@@ -150,6 +150,19 @@ def test_without_the_users_valid_jwt_no_row_is_created(edge_function, supabase, 
     assert rows_of(supabase, user_id) == []
 
 
+def test_the_function_is_lint_and_format_clean():
+    for check in (["lint"], ["fmt", "--check"]):
+        result = subprocess.run(
+            [str(DENO), *check],
+            cwd=FUNCTION,
+            env={"DENO_DIR": str(EDGE / ".deno"), "NO_COLOR": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, f"deno {' '.join(check)}:\n{result.stdout}{result.stderr}"
+
+
 def test_the_committed_types_are_what_the_served_schema_generates(stack_server):
     checked = subprocess.run(
         [str(EDGE / "generate-types.sh"), "--check", stack_server.url],

@@ -3,8 +3,8 @@
 // the app then watches the row until the backend marks it completed or failed (docs/edge-example.md).
 //
 //   POST  Authorization: Bearer <the user's JWT>   {"image_key": "images/<user>/photo.jpg", "prompt": "dog"}
-//   ->    202 {"task_id": "<the row id>", "status": "queued"}
-//   or    the backend's {"error": {"code", "message"}} with its HTTP status (and Retry-After on 429 queue_full)
+//   ->    the backend's answer: 202 {"task_id": "<the row id>", "status": "queued", "status_url"}, or its
+//         {"error": {"code", "message"}} with its HTTP status (and Retry-After on 429 queue_full)
 //
 // Environment: SUPABASE_URL and SUPABASE_ANON_KEY (Supabase sets them), SAM3_URL and SAM3_API_KEY (secrets).
 import { createClient } from "@supabase/supabase-js";
@@ -16,8 +16,8 @@ const sam3 = createApiClient<paths>({
   headers: { "X-API-Key": Deno.env.get("SAM3_API_KEY") },
 });
 
-function fail(status: number, code: string, message: string, headers?: HeadersInit): Response {
-  return Response.json({ error: { code, message } }, { status, headers });
+function fail(status: number, code: string, message: string): Response {
+  return Response.json({ error: { code, message } }, { status });
 }
 
 Deno.serve(async (request) => {
@@ -26,7 +26,7 @@ Deno.serve(async (request) => {
   if (!authorization) return fail(401, "unauthorized", "sign in first: no Authorization header");
   const { image_key, prompt } = await request.json().catch(() => ({}));
   if (typeof image_key !== "string" || typeof prompt !== "string") {
-    return fail(422, "invalid_request", 'send {"image_key": "<the uploaded image\'s key>", "prompt": "<a noun phrase>"}');
+    return fail(422, "invalid_request", 'send {"image_key": "<key in the bucket>", "prompt": "<noun phrase>"}');
   }
 
   // The user's own client: PostgREST checks the JWT and the row's insert policy fills user_id with auth.uid().
@@ -55,11 +55,12 @@ Deno.serve(async (request) => {
         include_rle: false,
       },
     });
-    if (error) {
-      const retryAfter = response.headers.get("Retry-After");
-      return Response.json(error, { status: response.status, headers: retryAfter ? { "Retry-After": retryAfter } : {} });
-    }
-    return Response.json({ task_id: data.task_id, status: data.status }, { status: 202 });
+    // 202 {"task_id", "status": "queued", "status_url"}, or a refusal {"error": {"code", "message"}}: passed on as is
+    const retryAfter = response.headers.get("Retry-After");
+    return Response.json(data ?? error, {
+      status: response.status,
+      headers: retryAfter ? { "Retry-After": retryAfter } : {},
+    });
   } catch (exception) {
     return fail(502, "backend_unreachable", `the SAM 3 backend did not answer: ${exception}`);
   }
