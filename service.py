@@ -2,26 +2,40 @@
 
 Edge --X-API-Key--> Gateway: validate, row->processing, R2 download --> Sam3Model.segment (batched)
                     Gateway: mask PNG -> R2, row->completed | failed, JSON response
+With "async": true the gateway answers 202 once the job is recorded, and its job runner (jobs/) does the rest.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from backend import redaction
-from backend.api_models import BatchPredictRequest, BatchPredictResponse, ErrorResponse, PredictRequest, PredictResponse
+from backend.api_models import (
+    BatchPredictRequest,
+    BatchPredictResponse,
+    ErrorResponse,
+    JobAccepted,
+    PredictOptions,
+    PredictRequest,
+    PredictResponse,
+    TaskStatus,
+)
 from backend.auth import ApiKeyMiddleware
 from backend.errors import ApiError, error_response, validation_error_code
+from backend.paths import ControlCharacterPaths
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
-from backend.wiring import build_store, build_task_store, check_auth
+from backend.wiring import build_jobs, build_store, build_task_store, check_auth
+from jobs import accepted_body, status_body
 
 log = logging.getLogger("sam3.service")
 settings = get_settings()
@@ -29,6 +43,15 @@ redaction.install(settings.secrets())
 API_KEY = check_auth(settings)
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 500, 502, 503, 504)}
+PREDICT_RESPONSES = {
+    **ERRORS,
+    202: {"model": JobAccepted, "description": 'Accepted ("async": true): the job is recorded and runs'},
+    429: {
+        "model": ErrorResponse,
+        "description": "queue_full: MAX_QUEUED_JOBS async jobs are waiting",
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    },
+}
 api = FastAPI(
     title="SAM 3 inference backend",
     version="1.0.0",
@@ -116,17 +139,47 @@ class Gateway:
             segment=self._segment,
             limits=Limits(settings.max_image_bytes, settings.max_image_pixels),
         )
+        self.jobs, self.runner = build_jobs(settings, self.pipeline, ready=self._model_ready)
+
+    @bentoml.on_startup
+    async def _start_jobs(self) -> None:
+        await self.runner.start()
+        self.runner.stop_claiming_on_signals()
+
+    @bentoml.on_shutdown
+    async def _stop_jobs(self) -> None:
+        """BentoML runs this in the lifespan shutdown, once uvicorn has answered the open HTTP requests."""
+        await self.runner.stop()
 
     async def _segment(self, item: dict) -> dict:
         return (await self.model.to_async.segment([item]))[0]
 
-    @api.post("/api/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(self, body: PredictRequest) -> dict:
+    @api.post("/api/v1/predict", response_model=PredictResponse, responses=PREDICT_RESPONSES)
+    async def predict(self, body: PredictRequest):
+        if body.run_async:
+            return await self._submit("predict", body)
         return await self.pipeline.predict(body)
 
-    @api.post("/api/v1/predict/batch", response_model=BatchPredictResponse, responses=ERRORS)
-    async def predict_batch(self, body: BatchPredictRequest) -> dict:
+    @api.post("/api/v1/predict/batch", response_model=BatchPredictResponse, responses=PREDICT_RESPONSES)
+    async def predict_batch(self, body: BatchPredictRequest):
+        if body.run_async:
+            return await self._submit("predict_batch", body)
         return await self.pipeline.predict_batch(body)
+
+    async def _submit(self, kind: str, body: PredictOptions) -> JSONResponse:
+        job = await self.jobs.submit(kind, body)
+        return JSONResponse(accepted_body(job), status_code=202)
+
+    @api.get("/api/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERRORS)
+    async def task_status(self, task_id: str = Path(description="The task_id an async request was sent with")):
+        try:
+            task_id = str(uuid.UUID(task_id))
+        except ValueError:
+            raise ApiError(422, "invalid_task_id", "task_id must be a UUID") from None
+        job = await self.jobs.store.get(task_id)
+        if job is None:
+            raise ApiError(404, "task_not_found", f"no async task {task_id} on this server (or it expired)")
+        return JSONResponse(status_body(job))
 
     @api.get("/api/v1/info", responses=ERRORS)
     @api.post("/api/v1/info", responses=ERRORS)
@@ -159,6 +212,9 @@ class Gateway:
             "auth": "api_key" if API_KEY else "disabled (dev mode)",
         }
 
+    async def _model_ready(self) -> bool:
+        return bool((await self._model_status()).get("model_loaded"))
+
     async def _model_status(self) -> dict:
         try:
             return await self.model.to_async.status()
@@ -177,3 +233,4 @@ async def _unknown_route(request: Request, path: str):
 
 
 Gateway.add_asgi_middleware(ApiKeyMiddleware, api_key=API_KEY)
+Gateway.add_asgi_middleware(ControlCharacterPaths)

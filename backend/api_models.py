@@ -13,6 +13,7 @@ MAX_BATCH_PROMPTS = 32
 MAX_BOXES = 16
 MAX_INSTANCES = 200
 MAX_IMAGE_URL_CHARS = 2048
+MAX_CALLBACK_URL_CHARS = 2048
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -36,7 +37,7 @@ class Box(BaseModel):
 
 
 class PredictOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL")
     user_id: str = Field(pattern=USER_ID_PATTERN)
@@ -46,6 +47,14 @@ class PredictOptions(BaseModel):
     mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
     max_instances: int = Field(100, ge=1, le=MAX_INSTANCES)
     include_rle: bool = True
+    run_async: bool = Field(
+        False, alias="async", description="Answer 202 at once and run in the background (docs: Async jobs)"
+    )
+    callback_url: str | None = Field(
+        None,
+        max_length=MAX_CALLBACK_URL_CHARS,
+        description="With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)",
+    )
 
     @field_validator("task_id")
     @classmethod
@@ -54,6 +63,12 @@ class PredictOptions(BaseModel):
             return str(uuid.UUID(value))
         except ValueError:
             raise ValueError("task_id must be a UUID") from None
+
+    @model_validator(mode="after")
+    def _callback_needs_async(self) -> PredictOptions:
+        if self.callback_url is not None and not self.run_async:
+            raise ValueError('callback_url is only used with "async": true')
+        return self
 
 
 def _clean_prompt(value: str) -> str:
@@ -131,3 +146,35 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class JobAccepted(BaseModel):
+    """The 202 answer to `"async": true`."""
+
+    task_id: str
+    status: Literal["queued", "processing"] = Field(description="processing: this task was already running")
+    status_url: str = Field(description="GET it (with the API key) for the task's status")
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: str | None = Field(description="ISO 8601 UTC")
+
+
+class TaskStatus(BaseModel):
+    """GET /api/v1/tasks/{task_id}, and the webhook's payload."""
+
+    task_id: str
+    status: Literal["queued", "processing", "completed", "failed"]
+    result: PredictResponse | BatchPredictResponse | None = Field(
+        description="completed: exactly the body the synchronous call would have answered"
+    )
+    error: ErrorDetail | None = Field(description="failed: the code and message the synchronous call would have given")
+    submitted_at: str = Field(description="ISO 8601 UTC")
+    started_at: str | None = Field(description="ISO 8601 UTC")
+    finished_at: str | None = Field(description="ISO 8601 UTC")
+    webhook: WebhookStatus | None

@@ -10,18 +10,19 @@ from tasks import TaskNotUpdated, TaskStoreTimeout, TaskStoreUnavailable
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message)
+        return error_response(self.status, self.code, self.message, self.headers)
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 # Domain failure -> (HTTP status, stable code). Messages come from the exception, which never holds secrets.
@@ -68,6 +69,8 @@ _FIELD_CODES = {
     "mask_threshold": "invalid_option",
     "max_instances": "invalid_option",
     "include_rle": "invalid_option",
+    "async": "invalid_option",
+    "callback_url": "unsupported_callback_url",
 }
 
 

@@ -6,8 +6,10 @@ import logging
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from webhooks import CallbackPolicy, check_secret
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,46 @@ class Settings(BaseSettings):
     max_batch_prompts: int = Field(32, ge=1)
     max_boxes: int = Field(16, ge=1)
 
-    @field_validator("cors_origins", mode="before")
+    # Webhooks (callback_url of async jobs): the origins a callback may target (empty = webhooks off) and the
+    # Standard Webhooks signing secret (whsec_...), required when the list is not empty.
+    webhook_allowed_origins: Annotated[list[str], NoDecode] = []
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+
+    # Async jobs ("async": true): a SQLite (WAL) store shared by the gateway workers of one box (jobs/).
+    job_store_path: str = "var/jobs.sqlite3"
+    # normal: a commit survives the process being killed (kill -9), not a power loss; full: fsync every commit
+    job_store_synchronous: Literal["normal", "full"] = "normal"
+    max_queued_jobs: int = Field(1000, ge=1)
+    job_concurrency: int = Field(16, ge=1, le=256)  # jobs one gateway worker runs at once
+    job_queue_timeout_s: int = Field(600, ge=1)  # a job waiting longer fails with queue_timeout
+    job_lease_s: int = Field(30, ge=2)  # a running job's lease, renewed every third of it; expired = interrupted
+    job_shutdown_grace_s: int = Field(20, ge=0)  # on SIGTERM, running jobs get this long to finish
+    job_drain_on_shutdown: bool = False  # on SIGTERM, fail queued jobs (interrupted) instead of keeping them
+    task_retention_s: int = Field(86_400, ge=60)  # finished jobs stay readable at /api/v1/tasks/{id} this long
+    job_sweep_interval_s: int = Field(60, ge=1)  # how often one worker per box fails rows left processing
+
+    @field_validator("cors_origins", "webhook_allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        CallbackPolicy(self.webhook_allowed_origins)
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        if secret:
+            try:
+                check_secret(secret)
+            except ValueError as exc:
+                raise ValueError(f"WEBHOOK_SECRET: {exc}") from None
+        elif self.webhook_allowed_origins:
+            raise ValueError("WEBHOOK_ALLOWED_ORIGINS is set but WEBHOOK_SECRET is empty: webhooks must be signed")
+        return self
 
     @property
     def production(self) -> bool:
@@ -88,9 +124,25 @@ class Settings(BaseSettings):
     def supabase_configured(self) -> bool:
         return bool(self.supabase_url and self.supabase_service_key)
 
+    @property
+    def job_lifetime_s(self) -> int:
+        """The longest an accepted job can last: waiting, running (a sync request's limit), then its lease expiring."""
+        return self.job_queue_timeout_s + self.request_timeout_s + self.job_lease_s
+
+    @property
+    def stale_processing_after_s(self) -> int:
+        """A row `processing` for longer than this was left by a server that died: the sweeper fails it."""
+        return self.job_lifetime_s + self.request_timeout_s
+
     def secrets(self) -> list[str]:
         """Values that must never appear in a log line or a response body."""
-        values = [self.hf_token, self.r2_secret_access_key, self.supabase_service_key, self.api_secret_key]
+        values = [
+            self.hf_token,
+            self.r2_secret_access_key,
+            self.supabase_service_key,
+            self.api_secret_key,
+            self.webhook_secret,
+        ]
         return [value.get_secret_value() for value in values if value and value.get_secret_value()]
 
 

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
 
+from backend.errors import ApiError
+from backend.pipeline import PredictPipeline
 from backend.settings import Settings
+from jobs import JobQueue, JobRunner, JobStore, RunnerConfig, StaleRowSweeper
 from storage import LocalStorage, ObjectStore, R2Storage
 from tasks import DisabledTaskStore, SupabaseTaskStore, TaskStore
+from webhooks import CallbackPolicy, UnsupportedCallbackUrl, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +60,49 @@ def check_auth(settings: Settings) -> str | None:
         raise RuntimeError("SAM3_ENV=production requires API_SECRET_KEY: refusing to start without authentication")
     log.warning("!!! API_SECRET_KEY is empty: DEV MODE, every request is accepted without X-API-Key")
     return None
+
+
+def build_jobs(
+    settings: Settings, pipeline: PredictPipeline, ready: Callable[[], Awaitable[bool]]
+) -> tuple[JobQueue, JobRunner]:
+    """This worker's side of the async jobs: its submissions and its runner, on the box's shared job store."""
+    owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    store = JobStore(settings.job_store_path, settings.job_store_synchronous)
+    policy = CallbackPolicy(settings.webhook_allowed_origins)
+    sender = None
+    if policy.enabled:
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+        sender = WebhookSender(
+            secret, settings.webhook_timeout_s, settings.webhook_max_attempts, settings.webhook_backoff_s
+        )
+
+    def check_callback(url: str) -> str:
+        try:
+            return policy.check(url)
+        except UnsupportedCallbackUrl as exc:
+            raise ApiError(400, "unsupported_callback_url", str(exc)) from None
+
+    config = RunnerConfig(
+        concurrency=settings.job_concurrency,
+        lease_s=settings.job_lease_s,
+        queue_timeout_s=settings.job_queue_timeout_s,
+        run_timeout_s=settings.request_timeout_s,
+        shutdown_grace_s=settings.job_shutdown_grace_s,
+        drain_on_shutdown=settings.job_drain_on_shutdown,
+        retention_s=settings.task_retention_s,
+        row_retry_s=settings.supabase_timeout_s + 5,
+    )
+    sweeper = StaleRowSweeper(store, pipeline.tasks, settings.stale_processing_after_s, settings.job_sweep_interval_s)
+    runner = JobRunner(store, pipeline, pipeline.tasks, ready, sender, sweeper, config, owner)
+    queue = JobQueue(
+        store,
+        pipeline.tasks,
+        pipeline.store,
+        check_callback,
+        settings.max_queued_jobs,
+        settings.job_concurrency * settings.gateway_workers,
+        settings.job_lease_s,
+        owner,
+        runner.wake,
+    )
+    return queue, runner

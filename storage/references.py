@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote, urlsplit
 
+from origins import Origin, UrlRefused, http_origin
 from storage.errors import UnsupportedImageUrl
 
 MAX_KEY_LENGTH = 1024
@@ -45,13 +46,15 @@ def resolve_image_key(
         return validate_key(unquote(parts.path.removeprefix("/")))
     if scheme not in ("http", "https"):
         raise UnsupportedImageUrl(f"the scheme {scheme}:// is not supported; send an object key or an R2 URL")
-    if parts.username or parts.password:
-        raise UnsupportedImageUrl("URLs with credentials are not accepted")
-    if public_base_url and _same_origin(reference, public_base_url):
+    try:
+        origin = http_origin(parts)
+    except UrlRefused as exc:
+        raise UnsupportedImageUrl(str(exc)) from None
+    if public_base_url and _is_origin_of(origin, public_base_url):
         prefix = urlsplit(public_base_url).path.rstrip("/") + "/"
         if parts.path.startswith(prefix):
             return validate_key(unquote(parts.path[len(prefix) :]))
-    if endpoint_url and _same_origin(reference, endpoint_url):
+    if endpoint_url and _is_origin_of(origin, endpoint_url):
         bucket_part, _, key = parts.path.removeprefix("/").partition("/")
         if bucket_part != bucket:
             raise UnsupportedImageUrl(f"only objects in the configured bucket {bucket!r} can be read")
@@ -59,15 +62,8 @@ def resolve_image_key(
     raise UnsupportedImageUrl("the image URL is not on the configured R2 endpoint or public base URL")
 
 
-def _same_origin(url: str, base: str) -> bool:
-    return _origin(url) == _origin(base)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+def _is_origin_of(origin: Origin, base: str) -> bool:
     try:
-        port = parts.port
-    except ValueError:
-        raise UnsupportedImageUrl("the URL has an invalid port") from None
-    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+        return http_origin(base) == origin
+    except UrlRefused:
+        return False

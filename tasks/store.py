@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,8 @@ class TaskStore(Protocol):
 
     async def mark_failed(self, task_id: str, message: str) -> None: ...
 
+    async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]: ...
+
 
 class DisabledTaskStore:
     """No Supabase configured (the embedded default): nothing is recorded, as announced at startup."""
@@ -52,6 +55,9 @@ class DisabledTaskStore:
 
     async def mark_failed(self, task_id: str, message: str) -> None:
         return None
+
+    async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]:
+        return []
 
 
 class SupabaseTaskStore:
@@ -89,6 +95,36 @@ class SupabaseTaskStore:
 
     async def mark_failed(self, task_id: str, message: str) -> None:
         await self._update(task_id, {"status": FAILED, "error_message": message[:2000]})
+
+    async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]:
+        """Mark failed at most `limit` rows still `processing` whose `updated_at` (the table's trigger) is more
+        than `older_than_s` seconds old: rows a server that died left behind. The ids are read first (bounded),
+        then UPDATEd with the same filters, so a row that moved on meanwhile is left alone. Returns the ids failed.
+        """
+        cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)).isoformat()
+        client = await self._get_client()
+        table = self._table
+        stale = await self._call(
+            client.table(table)
+            .select("id")
+            .eq("status", PROCESSING)
+            .lt("updated_at", cutoff)
+            .order("updated_at")
+            .limit(limit)
+            .execute()
+        )
+        ids = [row["id"] for row in stale.data]
+        if not ids:
+            return []
+        failed = await self._call(
+            client.table(table)
+            .update({"status": FAILED, "error_message": message[:2000]})
+            .in_("id", ids)
+            .eq("status", PROCESSING)
+            .lt("updated_at", cutoff)
+            .execute()
+        )
+        return [row["id"] for row in failed.data]
 
     async def _update(self, task_id: str, values: dict) -> None:
         client = await self._get_client()

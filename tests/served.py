@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ class ServedBento:
             "SAM3_WEIGHTS_PATH": "demo",
             "SAM3_DEVICE": "cpu",
             "BENTOML_DO_NOT_TRACK": "True",
+            "JOB_STORE_PATH": str(log_path.parent / f"jobs-{self.port}.sqlite3"),  # never shared between servers
             **env,
         }
         self._process: subprocess.Popen | None = None
@@ -70,16 +72,29 @@ class ServedBento:
             try:
                 self._process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait(timeout=10)
+                self.kill()
         if self._process:
             self._log.close()
 
+    def kill(self) -> None:
+        """kill -9 of the whole server, with no warning: the arbiter and every gateway and model worker (circus
+        starts each worker in its own session, so the arbiter's process group alone would leave them running)."""
+        for group in [self._process.pid, *self._children()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        self._process.wait(timeout=10)
+
     def workers(self, service: str) -> int:
         """How many worker processes of `service` (sam3-gateway, sam3-model) the server runs."""
-        command = ["ps", "-ww", "-o", "args=", "--ppid", str(self._process.pid)]
-        listing = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        return sum(f"--service-name {service} " in f"{line} " for line in listing.splitlines())
+        return len(self.worker_pids(service))
+
+    def worker_pids(self, service: str) -> list[int]:
+        return [pid for pid, args in self._children().items() if f"--service-name {service} " in f"{args} "]
+
+    def _children(self) -> dict[int, str]:
+        command = ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self._process.pid)]
+        listing = subprocess.run(command, capture_output=True, text=True).stdout
+        return {int(line.split()[0]): line for line in listing.splitlines()}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -11,13 +11,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+SECRETS = ("API_SECRET_KEY", "R2_SECRET_ACCESS_KEY", "SUPABASE_SERVICE_KEY", "HF_TOKEN", "WEBHOOK_SECRET")
 
 
 @pytest.fixture(scope="module")
 def bento(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("bentoml-home")
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    for secret in ("API_SECRET_KEY", "R2_SECRET_ACCESS_KEY", "SUPABASE_SERVICE_KEY", "HF_TOKEN"):
+    for secret in SECRETS:
         env.pop(secret, None)
     built = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", str(ROOT)],
@@ -47,19 +48,37 @@ def test_bento_environment_has_safe_defaults_and_no_secrets(bento):
     envs = {env["name"]: env.get("value") for env in manifest["envs"]}
     assert envs["SAM3_ENV"] == "production"
     assert envs["SAM3_WEIGHTS_PATH"] == "facebook/sam3"
-    assert not {"API_SECRET_KEY", "R2_SECRET_ACCESS_KEY", "SUPABASE_SERVICE_KEY", "HF_TOKEN"} & set(envs)
+    assert envs["JOB_STORE_PATH"] == "/home/bentoml/jobs/jobs.sqlite3"  # a volume's mount point (README)
+    assert not set(SECRETS) & set(envs)
 
 
 def test_bento_image_is_cuda_capable_with_the_model_stack(bento):
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM nvidia/cuda:" in dockerfile
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    for package in ("torch", "torchvision", "transformers==5.17.0", "pycocotools", "boto3", "supabase"):
+    for package in (
+        "torch",
+        "torchvision",
+        "transformers==5.17.0",
+        "pycocotools",
+        "boto3",
+        "supabase",
+        "standardwebhooks",
+    ):
         assert package in requirements
 
 
 def test_bento_carries_the_code(bento):
     source = bento / "src"
-    for path in ("service.py", "sam3_runner/engine.py", "storage/r2.py", "tasks/store.py", "backend/pipeline.py"):
+    for path in (
+        "service.py",
+        "origins.py",
+        "sam3_runner/engine.py",
+        "storage/r2.py",
+        "tasks/store.py",
+        "backend/pipeline.py",
+        "webhooks/sender.py",
+        "jobs/runner.py",
+    ):
         assert (source / path).is_file(), path
     assert not (source / "tests").exists()

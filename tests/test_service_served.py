@@ -307,3 +307,6 @@ def test_unknown_routes_and_methods_get_the_error_shape(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong_method = httpx.delete(f"{server.url}/api/v1/predict", headers=HEADERS)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    for path in ("/no/such%0Aroute", "/api/v1/tasks/%F4%8A%93%AC%0A%C3%88x", "/api/v1/info%00"):
+        control = httpx.get(f"{server.url}{path}", headers=HEADERS)  # a newline inside matched no route at all
+        assert control.status_code == 404 and control.json()["error"]["code"] == "not_found"

@@ -33,6 +33,7 @@ def test_accepted_references(url, key):
         "http://acct.r2.cloudflarestorage.com/images-bucket/cat.jpg",  # scheme differs from the endpoint
         "https://acct.r2.cloudflarestorage.com/other-bucket/cat.jpg",
         "https://user:pw@acct.r2.cloudflarestorage.com/images-bucket/cat.jpg",
+        "https://@acct.r2.cloudflarestorage.com/images-bucket/cat.jpg",  # empty userinfo
         "https://cdn.example.com/elsewhere/cat.jpg",
         "http://169.254.169.254/latest/meta-data/",
         "http://127.0.0.1:9000/images-bucket/cat.jpg",

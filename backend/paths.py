@@ -1,0 +1,28 @@
+"""Request paths with a control character inside get the contract's 404 body.
+
+Starlette's path patterns (`.*`) stop at a newline, so a path like `/api/v1/tasks/x%0Ay` matches no route, not
+even the catch-all that answers unknown routes with the error shape: the router would answer a plain-text
+"Not Found". No route of ours has a control character in it, so such a request is refused before routing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_FOUND = json.dumps({"error": {"code": "not_found", "message": "no such route"}}).encode()
+
+
+class ControlCharacterPaths:
+    """Plain ASGI middleware: 404 not_found for any path holding a control character."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not _CONTROL_CHARACTERS.search(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": _NOT_FOUND})

@@ -1,0 +1,95 @@
+"""The job runner in this process, on the real R2 and Supabase stand-ins, with the model service replaced by a
+function that never answers in time (or a model that never becomes ready): the bounded lifetime of a job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from stack import new_task_row, task_row
+
+from backend.api_models import PredictRequest
+from backend.errors import ApiError
+from backend.pipeline import Limits, PredictPipeline
+from jobs import JobQueue, JobRunner, JobStore, RunnerConfig, StaleRowSweeper
+from storage import R2Storage
+from tasks import SupabaseTaskStore
+
+pytestmark = pytest.mark.stack
+
+
+def refuse_callbacks(url: str) -> str:
+    raise ApiError(400, "unsupported_callback_url", "webhooks are off")
+
+
+async def run_one_job(r2, supabase, store_path, segment, ready, **config) -> tuple[str, JobStore]:
+    """Submit one job through the real submission path and run the runner until the job has ended."""
+    objects = R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"])
+    tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
+    pipeline = PredictPipeline(objects, tasks, segment, Limits(10**7, 10**8))
+    store = JobStore(store_path)
+    settings = {
+        "concurrency": 1,
+        "lease_s": 30,
+        "queue_timeout_s": 600,
+        "run_timeout_s": 300,
+        "shutdown_grace_s": 0,
+        "drain_on_shutdown": False,
+        "retention_s": 3600,
+        "row_retry_s": 15,
+        **config,
+    }
+    sweeper = StaleRowSweeper(store, tasks, stale_after_s=3600, interval_s=3600)
+    runner = JobRunner(store, pipeline, tasks, ready, None, sweeper, RunnerConfig(**settings), "test-worker")
+    queue = JobQueue(store, tasks, objects, refuse_callbacks, 10, 1, 30, "test-worker", runner.wake)
+    task_id, user_id = new_task_row(supabase)
+    await runner.start()
+    try:
+        request = PredictRequest(image_url="images/in.jpg", text_prompt="cat", user_id=user_id, task_id=task_id)
+        await queue.submit("predict", request)
+        deadline = time.monotonic() + 60
+        while (await store.get(task_id)).status != "failed" or not task_row(supabase, task_id)["error_message"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        while task_row(supabase, task_id)["error_message"].startswith("cancelled"):  # then the job's own outcome
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        job = await store.get(task_id)
+    finally:
+        await runner.stop()
+    return task_id, job
+
+
+async def ready() -> bool:
+    return True
+
+
+async def never_ready() -> bool:
+    return False
+
+
+def test_a_job_running_past_request_timeout_fails_with_job_timeout_and_its_row_says_so(r2, supabase, bucket, tmp_path):
+    async def hangs(item: dict) -> dict:
+        await asyncio.sleep(3600)
+
+    task_id, job = asyncio.run(run_one_job(r2, supabase, tmp_path / "jobs.sqlite3", hangs, ready, run_timeout_s=1))
+    assert (job.status, job.error_code) == ("failed", "job_timeout")
+    assert "REQUEST_TIMEOUT_S (1 s)" in job.error_message
+    row = task_row(supabase, task_id)
+    assert row["status"] == "failed" and row["error_message"].startswith("job_timeout: the job ran longer than")
+
+
+def test_a_job_whose_model_never_gets_ready_fails_with_queue_timeout_and_its_row_says_so(
+    r2, supabase, bucket, tmp_path
+):
+    async def never_called(item: dict) -> dict:
+        raise AssertionError("no job may run while the model is not ready")
+
+    task_id, job = asyncio.run(
+        run_one_job(r2, supabase, tmp_path / "jobs.sqlite3", never_called, never_ready, queue_timeout_s=0.5)
+    )
+    assert (job.status, job.error_code, job.started_at) == ("failed", "queue_timeout", None)
+    row = task_row(supabase, task_id)
+    assert row["status"] == "failed"
+    assert row["error_message"].startswith("queue_timeout: the task waited longer than JOB_QUEUE_TIMEOUT_S (0.5 s)")
