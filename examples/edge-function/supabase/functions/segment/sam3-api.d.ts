@@ -38,6 +38,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/tasks/{task_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Task Status */
+        get: operations["task_status_api_v1_tasks__task_id__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/info": {
         parameters: {
             query?: never;
@@ -114,6 +131,17 @@ export interface components {
              * @default true
              */
             include_rle?: boolean;
+            /**
+             * Async
+             * @description Answer 202 at once and run in the background (docs: Async jobs)
+             * @default false
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
             /** Prompts */
             prompts: string[];
         };
@@ -193,6 +221,25 @@ export interface components {
                 [key: string]: unknown;
             } | null;
         };
+        /**
+         * JobAccepted
+         * @description The 202 answer to `"async": true`.
+         */
+        JobAccepted: {
+            /** Task Id */
+            task_id: string;
+            /**
+             * Status
+             * @description processing: this task was already running
+             * @enum {string}
+             */
+            status: "queued" | "processing";
+            /**
+             * Status Url
+             * @description GET it (with the API key) for the task's status
+             */
+            status_url: string;
+        };
         /** PredictRequest */
         PredictRequest: {
             /**
@@ -231,6 +278,17 @@ export interface components {
              */
             include_rle?: boolean;
             /**
+             * Async
+             * @description Answer 202 at once and run in the background (docs: Async jobs)
+             * @default false
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
+            /**
              * Text Prompt
              * @description A noun phrase, e.g. 'red car'
              */
@@ -259,6 +317,63 @@ export interface components {
             timings: {
                 [key: string]: number;
             };
+        };
+        /**
+         * TaskStatus
+         * @description GET /api/v1/tasks/{task_id}, and the webhook's payload.
+         */
+        TaskStatus: {
+            /** Task Id */
+            task_id: string;
+            /**
+             * Status
+             * @enum {string}
+             */
+            status: "queued" | "processing" | "completed" | "failed";
+            /**
+             * Result
+             * @description completed: exactly the body the synchronous call would have answered
+             */
+            result: components["schemas"]["PredictResponse"] | components["schemas"]["BatchPredictResponse"] | null;
+            /** @description failed: the code and message the synchronous call would have given */
+            error: components["schemas"]["ErrorDetail"] | null;
+            /**
+             * Submitted At
+             * @description ISO 8601 UTC
+             */
+            submitted_at: string;
+            /**
+             * Started At
+             * @description ISO 8601 UTC
+             */
+            started_at: string | null;
+            /**
+             * Finished At
+             * @description ISO 8601 UTC
+             */
+            finished_at: string | null;
+            webhook: components["schemas"]["WebhookStatus"] | null;
+        };
+        /** WebhookStatus */
+        WebhookStatus: {
+            /** Url */
+            url: string;
+            /**
+             * Status
+             * @enum {string}
+             */
+            status: "pending" | "delivered" | "failed";
+            /** Attempts */
+            attempts: number;
+            /** Last Status Code */
+            last_status_code: number | null;
+            /** Last Error */
+            last_error: string | null;
+            /**
+             * Delivered At
+             * @description ISO 8601 UTC
+             */
+            delivered_at: string | null;
         };
     };
     responses: never;
@@ -291,6 +406,15 @@ export interface operations {
                     "application/json": components["schemas"]["PredictResponse"];
                 };
             };
+            /** @description Accepted ("async": true): the job is recorded and runs */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobAccepted"];
+                };
+            };
             /** @description Bad Request */
             400: {
                 headers: {
@@ -321,6 +445,17 @@ export interface operations {
             /** @description Unprocessable Entity */
             422: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting */
+            429: {
+                headers: {
+                    /** @description seconds to wait */
+                    "Retry-After"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -385,6 +520,121 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["BatchPredictResponse"];
+                };
+            };
+            /** @description Accepted ("async": true): the job is recorded and runs */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobAccepted"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting */
+            429: {
+                headers: {
+                    /** @description seconds to wait */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Bad Gateway */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Gateway Timeout */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    task_status_api_v1_tasks__task_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The task_id an async request was sent with */
+                task_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TaskStatus"];
                 };
             };
             /** @description Bad Request */
