@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -161,6 +162,24 @@ def test_the_function_is_lint_and_format_clean():
             timeout=120,
         )
         assert result.returncode == 0, f"deno {' '.join(check)}:\n{result.stdout}{result.stderr}"
+
+
+def test_a_request_field_the_schema_lacks_is_a_type_error(tmp_path):
+    """If the backend renamed `async`, the regenerated types would make the function fail to type-check."""
+    copy = tmp_path / "segment"
+    shutil.copytree(FUNCTION, copy)
+    source = (copy / "index.ts").read_text()
+    assert "      async: true,\n" in source
+    (copy / "index.ts").write_text(source.replace("      async: true,\n", "      run_in_background: true,\n"))
+    checked = subprocess.run(
+        [str(DENO), "check", "--cached-only", "index.ts"],
+        cwd=copy,
+        env={"DENO_DIR": str(EDGE / ".deno"), "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode != 0 and "'run_in_background' does not exist" in checked.stdout + checked.stderr
 
 
 def test_the_committed_types_are_what_the_served_schema_generates(stack_server):

@@ -9,7 +9,7 @@
 // Environment: SUPABASE_URL and SUPABASE_ANON_KEY (Supabase sets them), SAM3_URL and SAM3_API_KEY (secrets).
 import { createClient } from "@supabase/supabase-js";
 import createApiClient from "openapi-fetch";
-import type { paths } from "./sam3-api.d.ts";
+import type { components, paths } from "./sam3-api.d.ts";
 
 const sam3 = createApiClient<paths>({
   baseUrl: Deno.env.get("SAM3_URL"),
@@ -45,16 +45,16 @@ Deno.serve(async (request) => {
   }
 
   try {
-    const { data, error, response } = await sam3.POST("/api/v1/predict", {
-      body: {
-        async: true,
-        task_id: row.id,
-        user_id: row.user_id,
-        image_url: image_key,
-        text_prompt: prompt,
-        include_rle: false,
-      },
-    });
+    // Declared with the schema's type: a field the backend does not know (it would ignore it) is a type error.
+    const job: components["schemas"]["PredictRequest"] = {
+      async: true,
+      task_id: row.id,
+      user_id: row.user_id,
+      image_url: image_key,
+      text_prompt: prompt,
+      include_rle: false,
+    };
+    const { data, error, response } = await sam3.POST("/api/v1/predict", { body: job });
     // 202 {"task_id", "status": "queued", "status_url"}, or a refusal {"error": {"code", "message"}}: passed on as is
     const retryAfter = response.headers.get("Retry-After");
     return Response.json(data ?? error, {
