@@ -165,6 +165,9 @@ export interface components {
         /**
          * Box
          * @description An exemplar box in original-image pixels; `negative` means "not this kind of thing".
+         *
+         *     It must overlap the image and may run past its right or bottom edge: the model gets it as drawn (not clamped),
+         *     as in Meta's reference. A box that does not overlap the image is refused once the image is decoded.
          */
         Box: {
             /** X1 */
@@ -211,15 +214,18 @@ export interface components {
              * @description xyxy in original-image pixels
              */
             box: number[];
-            /** Area */
+            /**
+             * Area
+             * @description pixels in the instance's mask; at least 1 (an empty mask is no instance)
+             */
             area: number;
             /**
              * Rle
-             * @description COCO RLE {size: [h, w], counts: str}
+             * @description COCO RLE {size: [h, w], counts: str}; absent when include_rle is false
              */
             rle?: {
                 [key: string]: unknown;
-            } | null;
+            };
         };
         /**
          * JobAccepted
@@ -451,7 +457,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting */
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
             429: {
                 headers: {
                     /** @description seconds to wait */
@@ -567,7 +573,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting */
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
             429: {
                 headers: {
                     /** @description seconds to wait */
@@ -673,6 +679,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
+            /** @description Too Many Requests */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
             /** @description Internal Server Error */
             500: {
                 headers: {
@@ -767,6 +782,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
+            /** @description Too Many Requests */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
             /** @description Internal Server Error */
             500: {
                 headers: {
@@ -854,6 +878,15 @@ export interface operations {
             };
             /** @description Unprocessable Entity */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Too Many Requests */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
