@@ -23,11 +23,21 @@ def refuse_callbacks(url: str) -> str:
     raise ApiError(400, "unsupported_callback_url", "webhooks are off")
 
 
+class Model:
+    """The model service as the pipeline sees it, answering with `segment(item)` whatever the path."""
+
+    def __init__(self, segment) -> None:
+        self._segment = segment
+
+    async def segment(self, item: dict, sliced: bool) -> dict:
+        return await self._segment(item)
+
+
 async def run_one_job(r2, supabase, store_path, segment, ready, **config) -> tuple[str, JobStore]:
     """Submit one job through the real submission path and run the runner until the job has ended."""
     objects = R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"])
     tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
-    pipeline = PredictPipeline(objects, tasks, segment, Limits(10**7, 10**8))
+    pipeline = PredictPipeline(objects, tasks, Model(segment), Limits(10**7, 10**8, 40_000, 2_500))
     store = JobStore(store_path)
     settings = {
         "concurrency": 1,
