@@ -14,6 +14,7 @@ import signal
 import uuid
 
 import bentoml
+import psutil
 from fastapi import Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -42,6 +43,7 @@ from backend.segmenter import Segmenter
 from backend.settings import get_settings
 from backend.wiring import build_jobs, build_store, build_task_store, check_auth, check_exposure, listening_hosts
 from jobs import accepted_body, status_body
+from sam3_runner import WeightsError
 
 log = logging.getLogger("sam3.service")
 settings = get_settings()
@@ -109,7 +111,10 @@ class Sam3Model:
     """Owns the GPU. Loads SAM 3 in the background: /livez answers at once, /readyz says 503 until loaded."""
 
     def __init__(self) -> None:
-        self.segmenter = Segmenter(settings, worker_index=bentoml.server_context.worker_index or 1)
+        try:
+            self.segmenter = Segmenter(settings, worker_index=bentoml.server_context.worker_index or 1)
+        except WeightsError as exc:  # a weights path that cannot work: say how to fix it and stop, never crash-loop
+            _stop_the_server(exc)
 
     def __is_ready__(self) -> bool:
         return self.segmenter.ready
@@ -263,15 +268,29 @@ class Gateway:
 
 
 def _refuse_open_dev_server() -> None:
-    """In a gateway worker: dev mode bound to a non-loopback address stops the whole server, not only this worker
-    (a worker that merely failed would be restarted by BentoML's supervisor, over and over)."""
+    """In a gateway worker: dev mode bound to a non-loopback address stops the whole server."""
     try:
         check_exposure(API_KEY, listening_hosts())
     except RuntimeError as exc:
-        log.critical("%s", exc)
-        if bentoml.server_context.worker_index is not None:  # started by `bentoml serve`'s supervisor: stop it
-            os.kill(os.getppid(), signal.SIGTERM)
-        raise
+        _stop_the_server(exc)
+
+
+def _stop_the_server(error: Exception) -> None:
+    """A start that cannot work stops the whole server, not only this worker: a worker that merely failed would be
+    restarted by BentoML's supervisor, over and over. Logs the reason and re-raises it."""
+    log.critical("%s", error)
+    if _started_by_bentoml_serve():
+        os.kill(os.getppid(), signal.SIGTERM)
+    raise error
+
+
+def _started_by_bentoml_serve() -> bool:
+    """Whether this process is a worker of a `bentoml serve` supervisor (its parent), not a test's plain instance."""
+    try:
+        parent = psutil.Process(os.getppid()).cmdline()
+    except psutil.Error:
+        return False
+    return "bentoml" in " ".join(parent) and "serve" in parent
 
 
 @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -16,6 +16,9 @@ MAX_BOXES = 16
 MAX_INSTANCES = 200
 MAX_IMAGE_URL_CHARS = 2048
 MAX_CALLBACK_URL_CHARS = 2048
+# Far past any image this server decodes (MAX_IMAGE_PIXELS): a larger coordinate is a mistake, refused at once. The
+# model service also refuses a box that runs past the image by more than the image's own size (backend/segmenter.py).
+MAX_BOX_COORDINATE = 1_000_000
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # Unicode categories that show nothing on their own: controls, format characters (zero-width space, joiners, BOM,
@@ -25,18 +28,20 @@ _BLANK_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
 
 
 class Box(BaseModel):
-    """An exemplar box in original-image pixels; `negative` means "not this kind of thing".
+    """An exemplar box in pixels of the image as displayed (EXIF orientation applied); `negative` means "not this
+    kind of thing".
 
-    It must overlap the image and may run past its right or bottom edge: the model gets it as drawn (not clamped),
-    as in Meta's reference. A box that does not overlap the image is refused once the image is decoded.
+    It must overlap the image and may run past its right or bottom edge, by at most the image's own width and
+    height: the model gets it as drawn (not clamped), as in Meta's reference. A box that does not overlap the image,
+    or runs further past it, is refused once the image is decoded.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    x1: float = Field(ge=0, allow_inf_nan=False)
-    y1: float = Field(ge=0, allow_inf_nan=False)
-    x2: float = Field(ge=0, allow_inf_nan=False)
-    y2: float = Field(ge=0, allow_inf_nan=False)
+    x1: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False)
+    y1: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False)
+    x2: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False)
+    y2: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False)
     label: Literal["positive", "negative"] = "positive"
 
     @model_validator(mode="after")
@@ -53,12 +58,14 @@ class PredictOptions(BaseModel):
     user_id: str = Field(pattern=USER_ID_PATTERN)
     task_id: str = Field(description="The segmentation_results row id", json_schema_extra={"format": "uuid"})
     boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
-    threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
-    mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
-    max_instances: int = Field(100, ge=1, le=MAX_INSTANCES)
-    include_rle: bool = True
+    # strict: `true`, "0.3" or "5" are not numbers and "false" is not a boolean; coercing them would answer another
+    # request than the one sent (`"threshold": true` became 1.0: no instance), so they are 422 invalid_option
+    threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
+    mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
+    max_instances: int = Field(100, ge=1, le=MAX_INSTANCES, strict=True)
+    include_rle: bool = Field(True, strict=True)
     run_async: bool = Field(
-        False, alias="async", description="Answer 202 at once and run in the background (docs: Async jobs)"
+        False, alias="async", strict=True, description="Answer 202 at once and run in the background (docs: Async jobs)"
     )
     callback_url: str | None = Field(
         None,

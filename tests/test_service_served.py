@@ -454,3 +454,43 @@ def test_dev_mode_refuses_to_serve_on_every_interface(tmp_path):
     assert "DEV MODE (API_SECRET_KEY is empty) refuses to listen on 0.0.0.0" in bento.log()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{bento.url}/health", timeout=2)
+
+
+def test_a_huge_box_is_refused_and_its_neighbours_are_answered(server, image_key):
+    """The tester's input: a box of 1e11 pixels crashed the model worker for everyone. Far past any image it is
+    refused at the edge; within that bound but more than the image's size past it, by the model service, alone."""
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers=HEADERS) as client:
+            url = f"{server.url}/api/v1/predict"
+            huge = body(image_key, boxes=[{"x1": 10, "y1": 10, "x2": 1e11, "y2": 1e11}])
+            large = body(image_key, boxes=[{"x1": 10, "y1": 10, "x2": 1e5, "y2": 1e5}])
+            return await asyncio.gather(
+                *(client.post(url, json=b) for b in [body(image_key), huge, large, body(image_key)])
+            )
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200, 422, 422, 200]
+    assert [r.json()["error"]["code"] for r in responses[1:3]] == ["invalid_box", "invalid_box"]
+    assert post(server, "/api/v1/predict", body(image_key)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", True), ("mask_threshold", "0.3"), ("include_rle", "false"), ("max_instances", "5")],
+)
+def test_an_option_of_the_wrong_type_is_422_invalid_option(server, image_key, field, value):
+    """Lax coercion answered another request than the one sent (`"threshold": true` became 1.0: no instance)."""
+    response = post(server, "/api/v1/predict", body(image_key, **{field: value}))
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_option", response.text
+
+
+def test_weights_that_cannot_work_stop_the_server_instead_of_restarting_it(tmp_path):
+    """A missing SAM3_WEIGHTS_PATH made the model worker crash and restart every ~10 s, /health never answering."""
+    bento = ServedBento(
+        {"API_SECRET_KEY": API_KEY, "LOCAL_STORAGE_DIR": str(tmp_path), "SAM3_WEIGHTS_PATH": "/nonexistent/sam3.pt"},
+        tmp_path / "serve.log",
+    )
+    with pytest.raises(RuntimeError, match="bentoml serve exited"):
+        bento.start(timeout_s=120)
+    assert "SAM3_WEIGHTS_PATH='/nonexistent/sam3.pt' does not exist" in bento.log()
