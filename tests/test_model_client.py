@@ -160,3 +160,32 @@ def test_requests_the_batcher_sheds_are_429_model_busy_with_retry_after(idle):
     }
     assert all(error.headers == {"Retry-After": str(RETRY_AFTER_S)} for error in busy)
     assert str(RETRY_AFTER_S) in busy[0].message
+
+
+async def _depends_client(url: str, timeout_s: float = 30) -> ModelClient:
+    """The client the served gateway really gets: `bentoml.depends(...).to_async` is RemoteProxy's AsyncClient
+    (`_bentoml_impl/client/proxy2.py`, aiohttp in BentoML 1.4.40), not the httpx AsyncHTTPClient used above."""
+    from _bentoml_impl.client.proxy2 import AsyncClient
+
+    remote = AsyncClient(url, service=StandInModel, server_ready_timeout=0, timeout=timeout_s)
+    await remote.__aenter__()
+    return ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
+
+
+def test_the_depends_client_to_an_unreachable_model_service_is_503_model_unavailable():
+    """Seen served: SIGTERM while async jobs download their image fails them as 500 inference_failed
+    (UnixClientConnectorError) instead of 503 -> interrupted."""
+
+    async def call():
+        return await (await _depends_client(f"http://127.0.0.1:{free_port()}")).segment({}, sliced=False)
+
+    error = _error(call())
+    assert (error.status, error.code) == (503, "model_unavailable")
+
+
+def test_the_depends_clients_own_timeout_is_504_inference_timeout(idle):
+    async def call():
+        return await (await _depends_client(idle.url, timeout_s=0.5)).segment({"sleep": 1.5}, sliced=False)
+
+    error = _error(call())
+    assert (error.status, error.code) == (504, "inference_timeout")
