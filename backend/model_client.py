@@ -1,15 +1,17 @@
 """The gateway's calls to the model service, and what a failed call means to the caller.
 
-BentoML's client (1.4.40, `_bentoml_impl/client/http.py`) fails in four ways; each gets its own answer, so that a
-503 means only "the model is down or loading" (tests/test_model_client.py serves a stand-in to produce each one):
+BentoML's clients fail in four ways; each gets its own answer, so that a 503 means only "the model is down or
+loading" (tests/test_model_client.py serves a stand-in to produce each one, through both clients). The served
+gateway's `bentoml.depends(...).to_async` is RemoteProxy's client (`_bentoml_impl/client/proxy2.py`, aiohttp in
+1.4.40); BentoML's HTTP client (`_bentoml_impl/client/http.py`) is httpx.
 
-- the service cannot be reached (down, restarting): httpx.ConnectError or another transport error
-  -> 503 model_unavailable, retry;
+- the service cannot be reached (down, restarting, its worker died mid-call): a connection error (aiohttp's
+  ClientConnectionError, httpx's TransportError) -> 503 model_unavailable, retry;
 - the service answered 503: its adaptive batcher dropped the request because the queue's predicted latency
   exceeds MAX_LATENCY_MS (the only 503 BentoML's service app gives an API call) -> 429 model_busy with Retry-After:
   the model is up but overloaded;
 - the service answered 504 (its traffic timeout, MODEL_TIMEOUT_S) or the client's own timer ran out
-  (httpx.TimeoutException; the client waits the traffic timeout x 1.01) -> 504 inference_timeout;
+  (TimeoutError from aiohttp, httpx.TimeoutException) -> 504 inference_timeout;
 - the service answered another error: 500 when the API raised -> 500 inference_failed.
 """
 
@@ -22,6 +24,7 @@ import uuid
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp
 import httpx
 from bentoml.exceptions import BentoMLException
 
@@ -74,11 +77,11 @@ class ModelClient:
     def _error(self, exc: Exception) -> ApiError:
         """A failed call -> the contract's error (see the module docstring)."""
         log.error("the model service call failed: %s %s", type(exc).__name__, getattr(exc, "error_code", ""))
-        if isinstance(exc, httpx.ConnectTimeout):
+        if isinstance(exc, httpx.ConnectTimeout | aiohttp.ConnectionTimeoutError):
             return _unavailable()
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx.TimeoutException | TimeoutError):
             return self._timed_out()
-        if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, httpx.TransportError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
             return _unavailable()
         status = exc.error_code if isinstance(exc, BentoMLException) else None
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
