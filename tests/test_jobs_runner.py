@@ -169,3 +169,20 @@ def test_a_job_that_meets_supabase_down_does_not_leave_its_row_processing_once_s
 
     row, job = asyncio.run(scenario())
     assert row["status"] != "processing", (job.status, job.error_code, job.error_message)
+
+
+def test_a_job_that_meets_the_model_reloading_is_not_failed_with_model_loading(r2, supabase, bucket, tmp_path):
+    """Seen served (tester13): kill -9 of the model worker alone (an out-of-memory kill); the jobs claimed while
+    BentoML restarts it reach the new worker while it loads and fail `model_loading` ("retry shortly"), which an
+    async caller cannot act on (3 of 3 tries on a served Bento; real weights make the window tens of seconds).
+    Here the model answers model_loading once, then a plain failure: the job should end with the latter."""
+    calls = []
+
+    async def reloading_then_fails(item: dict, sliced: bool) -> dict:
+        calls.append(item)
+        if len(calls) == 1:
+            return {"ok": False, "error": {"code": "model_loading", "message": "the model is still loading"}}
+        return {"ok": False, "error": {"code": "inference_failed", "message": "stand-in"}}
+
+    task_id, job = asyncio.run(run_one_job(r2, supabase, tmp_path / "jobs.sqlite3", reloading_then_fails, ready))
+    assert job.error_code != "model_loading", (job.error_code, job.error_message, len(calls))
