@@ -49,6 +49,8 @@ MODEL_ERROR_STATUS = {
     "inference_failed": 500,
     "inference_timeout": 504,
 }
+# The codes (503) that mean only "the model is down or loading": the same task succeeds once it is ready.
+MODEL_DOWN = ("model_loading", "model_unavailable")
 
 
 def to_api_error(exc: Exception) -> ApiError | None:

@@ -178,7 +178,7 @@ def test_a_job_that_meets_the_model_reloading_is_not_failed_with_model_loading(r
     Here the model answers model_loading once, then a plain failure: the job should end with the latter."""
     calls = []
 
-    async def reloading_then_fails(item: dict, sliced: bool) -> dict:
+    async def reloading_then_fails(item: dict) -> dict:
         calls.append(item)
         if len(calls) == 1:
             return {"ok": False, "error": {"code": "model_loading", "message": "the model is still loading"}}
