@@ -21,6 +21,10 @@ class ApiError(Exception):
         return error_response(self.status, self.code, self.message, self.headers)
 
 
+class RowNotMarked(ApiError):
+    """The task's row could not be marked processing (missing, Supabase down): nothing was done or recorded."""
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
 from backend.cost import estimate, refuse_if_too_heavy
-from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, to_api_error
+from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, to_api_error
 from backend.masks import mask_png
 from backend.protocol import box_prompts, make_item, union_of, unpack_mask
 from sam3_runner import BOX_ONLY_TEXT, Prompt
@@ -107,7 +107,10 @@ class PredictPipeline:
             _drop(download)
             await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
             raise
-        except BaseException:  # the row could not be marked (missing, Supabase down): nothing to record
+        except ApiError as error:  # the row could not be marked (missing, Supabase down): nothing to record
+            _drop(download)
+            raise RowNotMarked(error.status, error.code, error.message) from None
+        except BaseException:
             _drop(download)
             raise
         try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backend.api_models import BatchPredictRequest, PredictRequest
-from backend.errors import MODEL_DOWN, ApiError
+from backend.errors import MODEL_DOWN, ApiError, RowNotMarked
 from backend.pipeline import PredictPipeline
 from jobs.status import status_body
 from jobs.store import INTERRUPTED, Job, JobStore, RowWrite
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED_MESSAGE = "the server stopped while this task was running; it may be resubmitted"
 DRAINED_MESSAGE = "the server was stopped (JOB_DRAIN_ON_SHUTDOWN) before this task ran; it may be resubmitted"
 JOB_TIMEOUT = "job_timeout"
+TASK_STORE_DOWN = ("database_unavailable", "database_timeout")  # Supabase unreachable or too slow
 RETENTION_EVERY_S = 60.0
 
 # kind -> (the request model, the pipeline method): the same entry points as the synchronous routes.
@@ -128,6 +129,7 @@ class JobRunner:
         self._loops: list[asyncio.Task] = []
         self._stopping = False
         self._model_ready = False
+        self._claim_paused_until = 0.0  # loop time: Supabase was down when a job started
 
     async def start(self) -> None:
         await self.store.open()
@@ -202,7 +204,10 @@ class JobRunner:
         while not self._stopping:
             pause = self.config.poll_interval_s
             try:
-                if len(self._running) < self.config.concurrency:
+                paused_s = self._claim_paused_until - asyncio.get_running_loop().time()
+                if paused_s > 0:
+                    pause = paused_s
+                elif len(self._running) < self.config.concurrency:
                     if not self._model_ready:
                         self._model_ready = await self._ready()
                     if self._model_ready:
@@ -248,6 +253,13 @@ class JobRunner:
             request = model.model_validate_json(job.request)
             async with asyncio.timeout(self.config.run_timeout_s):
                 return _Outcome(result=await call(self._pipeline, request, True))
+        except RowNotMarked as error:
+            if error.code in TASK_STORE_DOWN:
+                # Nothing started and the row still says processing: the job runs again once Supabase is back
+                # (claims pause for row_retry_s meanwhile), within JOB_QUEUE_TIMEOUT_S of its submission.
+                self._claim_paused_until = asyncio.get_running_loop().time() + self.config.row_retry_s
+                return _Outcome(requeue=True)
+            return _Outcome(error=(error.code, error.message))  # the row is gone: nothing to tell it
         except ApiError as error:
             if error.code in MODEL_DOWN:  # the row still says processing
                 self._model_ready = False
@@ -256,6 +268,8 @@ class JobRunner:
                 # Its worker restarted (an out-of-memory kill): the job waits for the model again, as a queued
                 # job does, within JOB_QUEUE_TIMEOUT_S of its submission.
                 return _Outcome(requeue=True)
+            if error.code in TASK_STORE_DOWN:  # the pipeline could not write the row: written when Supabase is back
+                return _Outcome(error=(error.code, error.message), row=f"{error.code}: {error.message}")
             return _Outcome(error=(error.code, error.message))  # the pipeline has written it to the row
         except TimeoutError:
             message = f"the job ran longer than REQUEST_TIMEOUT_S ({self.config.run_timeout_s:g} s)"

@@ -133,10 +133,10 @@ def test_a_job_that_meets_supabase_down_does_not_leave_its_row_processing_once_s
             SupabaseTaskStore(f"http://127.0.0.1:{free_port()}", key, timeout_s=2),
         )
 
-        async def model_fails(item: dict, sliced: bool) -> dict:
+        async def model_fails(item: dict) -> dict:
             return {"ok": False, "error": {"code": "inference_failed", "message": "stand-in"}}
 
-        pipeline = PredictPipeline(objects, tasks, FunctionModel(model_fails), Limits(10**7, 10**8, 10**6, 10**6))
+        pipeline = PredictPipeline(objects, tasks, Model(model_fails), Limits(10**7, 10**8, 10**6, 10**6))
         store = JobStore(tmp_path / "jobs.sqlite3")
         model_up = False
 
