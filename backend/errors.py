@@ -21,6 +21,10 @@ class ApiError(Exception):
         return error_response(self.status, self.code, self.message, self.headers)
 
 
+class RowNotMarked(ApiError):
+    """The task's row could not be marked processing (missing, Supabase down): nothing was done or recorded."""
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
@@ -49,6 +53,8 @@ MODEL_ERROR_STATUS = {
     "inference_failed": 500,
     "inference_timeout": 504,
 }
+# The codes (503) that mean only "the model is down or loading": the same task succeeds once it is ready.
+MODEL_DOWN = ("model_loading", "model_unavailable")
 
 
 def to_api_error(exc: Exception) -> ApiError | None:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
 from backend.cost import estimate, refuse_if_too_heavy
-from backend.errors import MODEL_ERROR_STATUS, ApiError, to_api_error
+from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, to_api_error
 from backend.masks import mask_png
 from backend.protocol import box_prompts, make_item, union_of, unpack_mask
 from sam3_runner import BOX_ONLY_TEXT, Prompt
@@ -51,16 +51,20 @@ class PredictPipeline:
         self.model = model
         self.limits = limits
 
-    async def predict(self, request: PredictRequest) -> dict:
+    async def predict(self, request: PredictRequest, retries_model_down: bool = False) -> dict:
+        """retries_model_down: the caller runs the task again when the model is down (503 model_loading /
+        model_unavailable), so such a failure leaves the row `processing` instead of marking it failed."""
         prompt = self._prompt(request, request.text_prompt)
         label = request.text_prompt or BOX_ONLY_TEXT
-        body, _ = await self._run(request, [prompt], [label], [mask_key(request.user_id, request.task_id)])
+        keys = [mask_key(request.user_id, request.task_id)]
+        body, _ = await self._run(request, [prompt], [label], keys, retries_model_down)
         return body[0]
 
-    async def predict_batch(self, request: BatchPredictRequest) -> dict:
+    async def predict_batch(self, request: BatchPredictRequest, retries_model_down: bool = False) -> dict:
+        """retries_model_down: as for `predict`."""
         prompts = [self._prompt(request, text) for text in request.prompts]
         keys = [mask_key(request.user_id, request.task_id, index) for index in range(len(prompts))]
-        results, combined = await self._run(request, prompts, request.prompts, keys)
+        results, combined = await self._run(request, prompts, request.prompts, keys, retries_model_down)
         return {
             "task_id": request.task_id,
             "mask_url": combined["mask_url"],
@@ -81,7 +85,14 @@ class PredictPipeline:
             include_rle=request.include_rle,
         )
 
-    async def _run(self, request: PredictOptions, prompts: list[Prompt], labels: list[str], keys: list[str]):
+    async def _run(
+        self,
+        request: PredictOptions,
+        prompts: list[Prompt],
+        labels: list[str],
+        keys: list[str],
+        retries_model_down: bool,
+    ):
         """Returns (one response body per prompt, a summary of the whole task).
 
         The image download does not depend on the row, so it starts with the row's `processing` update: the two
@@ -96,7 +107,10 @@ class PredictPipeline:
             _drop(download)
             await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
             raise
-        except BaseException:  # the row could not be marked (missing, Supabase down): nothing to record
+        except ApiError as error:  # the row could not be marked (missing, Supabase down): nothing to record
+            _drop(download)
+            raise RowNotMarked(error.status, error.code, error.message) from None
+        except BaseException:
             _drop(download)
             raise
         try:
@@ -105,7 +119,8 @@ class PredictPipeline:
             await self._guard(self.tasks.mark_completed(request.task_id, summary["task_result"]))
             return bodies, summary
         except ApiError as error:
-            await self._record_failure(request.task_id, f"{error.code}: {error.message}")
+            if not (retries_model_down and error.code in MODEL_DOWN):
+                await self._record_failure(request.task_id, f"{error.code}: {error.message}")
             raise
         except asyncio.CancelledError as cancelled:
             await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))

@@ -10,13 +10,14 @@ from collections.abc import Callable
 
 from backend.api_models import PredictOptions
 from backend.errors import ApiError, to_api_error
-from jobs.store import JobStore
+from jobs.store import RESERVED, JobStore
 from storage import ObjectStore
 from tasks import TaskStore
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = (1, 60)  # bounds of the Retry-After a full queue answers with
+RESERVED_POLL_S = 0.02  # how often a duplicate looks whether the submission it waits on has been answered
 
 
 class JobQueue:
@@ -65,15 +66,22 @@ class JobQueue:
         return await asyncio.shield(self._submit(kind, request, callback_url))
 
     async def _submit(self, kind: str, request: PredictOptions, callback_url: str | None):
-        reservation = await self.store.reserve(
-            request.task_id,
-            kind,
-            request.model_dump_json(by_alias=True),
-            callback_url,
-            self._max_waiting,
-            self._owner,
-            self._lease_s,
-        )
+        while True:
+            reservation = await self.store.reserve(
+                request.task_id,
+                kind,
+                request.model_dump_json(by_alias=True),
+                callback_url,
+                self._max_waiting,
+                self._owner,
+                self._lease_s,
+            )
+            if reservation.outcome != "existing" or reservation.job.status != RESERVED:
+                break
+            # A concurrent submission of the task is still marking its row: its job may yet be given back (the
+            # row missing, Supabase down), so wait for its answer, then try again: this one then gets the job it
+            # queued, or marks the row itself and gets the same error.
+            await self._wait_while_reserved(reservation.job.task_id, reservation.job.submission)
         if reservation.outcome == "existing":
             return reservation.job
         if reservation.outcome == "full":
@@ -93,6 +101,14 @@ class JobQueue:
         confirmed = await self.store.confirm(job.task_id, job.submission)
         self._on_queued()
         return confirmed
+
+    async def _wait_while_reserved(self, task_id: str, submission: str) -> None:
+        """Until the reservation is confirmed, given back, or failed as interrupted (its lease bounds the wait)."""
+        while True:
+            await asyncio.sleep(RESERVED_POLL_S)
+            job = await self.store.get(task_id)
+            if job is None or job.submission != submission or job.status != RESERVED:
+                return
 
     def _retry_after(self, waiting: int, mean_run_s: float | None) -> int:
         """When a slot is likely free again: the waiting jobs x their recent mean run time / what runs at once."""

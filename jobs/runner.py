@@ -3,7 +3,8 @@ pipeline a synchronous call uses, record the outcome, deliver webhooks, and reco
 
 - claiming: one job at a time by one atomic UPDATE (jobs/store.py), at most `concurrency` running here, only
   while the model service is ready (after a restart, queued jobs wait for the model instead of failing with
-  model_loading).
+  model_loading); a running job that meets the model reloading (503 model_loading / model_unavailable) is put
+  back to queued, its row still processing.
 - heartbeat: every lease/3 the worker renews the leases of what it holds; a job whose lease it lost (another
   worker failed it as interrupted after the lease expired) is cancelled here.
 - maintenance (any worker, about every second): jobs whose lease expired -> failed `interrupted`; queued jobs
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backend.api_models import BatchPredictRequest, PredictRequest
-from backend.errors import ApiError
+from backend.errors import MODEL_DOWN, ApiError, RowNotMarked
 from backend.pipeline import PredictPipeline
 from jobs.status import status_body
 from jobs.store import INTERRUPTED, Job, JobStore, RowWrite
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 INTERRUPTED_MESSAGE = "the server stopped while this task was running; it may be resubmitted"
 DRAINED_MESSAGE = "the server was stopped (JOB_DRAIN_ON_SHUTDOWN) before this task ran; it may be resubmitted"
 JOB_TIMEOUT = "job_timeout"
+TASK_STORE_DOWN = ("database_unavailable", "database_timeout")  # Supabase unreachable or too slow
 RETENTION_EVERY_S = 60.0
 
 # kind -> (the request model, the pipeline method): the same entry points as the synchronous routes.
-_KINDS: dict[str, tuple[type, Callable[[PredictPipeline, Any], Awaitable[dict]]]] = {
+_KINDS: dict[str, tuple[type, Callable[[PredictPipeline, Any, bool], Awaitable[dict]]]] = {
     "predict": (PredictRequest, PredictPipeline.predict),
     "predict_batch": (BatchPredictRequest, PredictPipeline.predict_batch),
 }
@@ -91,6 +93,7 @@ class _Outcome:
     result: dict | None = None
     error: tuple[str, str] | None = None
     row: str | None = None  # what the row still has to be told (None: the pipeline already wrote it)
+    requeue: bool = False  # it could not run yet: back to queued, the row still processing
 
 
 def _interrupted() -> _Outcome:
@@ -126,6 +129,7 @@ class JobRunner:
         self._loops: list[asyncio.Task] = []
         self._stopping = False
         self._model_ready = False
+        self._claim_paused_until = 0.0  # loop time: Supabase was down when a job started
 
     async def start(self) -> None:
         await self.store.open()
@@ -200,7 +204,10 @@ class JobRunner:
         while not self._stopping:
             pause = self.config.poll_interval_s
             try:
-                if len(self._running) < self.config.concurrency:
+                paused_s = self._claim_paused_until - asyncio.get_running_loop().time()
+                if paused_s > 0:
+                    pause = paused_s
+                elif len(self._running) < self.config.concurrency:
                     if not self._model_ready:
                         self._model_ready = await self._ready()
                     if self._model_ready:
@@ -224,7 +231,10 @@ class JobRunner:
         try:
             outcome = await self._execute(job)
             work.finishing = True
-            verdict = await self.store.finish(job, self.owner, outcome.result, outcome.error, outcome.row)
+            if outcome.requeue:
+                verdict = await self.store.requeue(job, self.owner)
+            else:
+                verdict = await self.store.finish(job, self.owner, outcome.result, outcome.error, outcome.row)
             if verdict == "lost":
                 # Failed as interrupted meanwhile (its lease expired): the row must end saying so too, after
                 # whatever this run wrote to it.
@@ -242,12 +252,24 @@ class JobRunner:
         try:
             request = model.model_validate_json(job.request)
             async with asyncio.timeout(self.config.run_timeout_s):
-                return _Outcome(result=await call(self._pipeline, request))
+                return _Outcome(result=await call(self._pipeline, request, True))
+        except RowNotMarked as error:
+            if error.code in TASK_STORE_DOWN:
+                # Nothing started and the row still says processing: the job runs again once Supabase is back
+                # (claims pause for row_retry_s meanwhile), within JOB_QUEUE_TIMEOUT_S of its submission.
+                self._claim_paused_until = asyncio.get_running_loop().time() + self.config.row_retry_s
+                return _Outcome(requeue=True)
+            return _Outcome(error=(error.code, error.message))  # the row is gone: nothing to tell it
         except ApiError as error:
-            if error.status == 503:
+            if error.code in MODEL_DOWN:  # the row still says processing
                 self._model_ready = False
                 if self._stopping:  # the model service is stopping with this server: not this job's failure
                     return _interrupted()
+                # Its worker restarted (an out-of-memory kill): the job waits for the model again, as a queued
+                # job does, within JOB_QUEUE_TIMEOUT_S of its submission.
+                return _Outcome(requeue=True)
+            if error.code in TASK_STORE_DOWN:  # the pipeline could not write the row: written when Supabase is back
+                return _Outcome(error=(error.code, error.message), row=f"{error.code}: {error.message}")
             return _Outcome(error=(error.code, error.message))  # the pipeline has written it to the row
         except TimeoutError:
             message = f"the job ran longer than REQUEST_TIMEOUT_S ({self.config.run_timeout_s:g} s)"

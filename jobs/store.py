@@ -193,6 +193,11 @@ class JobStore:
         "superseded": a newer submission of the task replaced it."""
         return await self._call(self._finish, job, owner, result, error, row_pending)
 
+    async def requeue(self, job: Job, owner: str) -> Literal["requeued", "lost", "superseded"]:
+        """running -> queued again (it keeps its `submitted_at`, so JOB_QUEUE_TIMEOUT_S still bounds its wait):
+        the job could not run yet (the model reloading, Supabase down before it started). Verdicts as `finish`."""
+        return await self._call(self._requeue, job, owner)
+
     # --- recovery and maintenance ------------------------------------------------------------------------
 
     async def interrupt_expired(self, message: str) -> int:
@@ -384,6 +389,18 @@ class JobStore:
             ).rowcount
             if updated:
                 return "finished"
+            current = db.execute("SELECT submission FROM jobs WHERE task_id = ?", (job.task_id,)).fetchone()
+        return "lost" if current is not None and current["submission"] == job.submission else "superseded"
+
+    def _requeue(self, job: Job, owner: str) -> str:
+        with _transaction(self._conn) as db:
+            updated = db.execute(
+                "UPDATE jobs SET status = ?, owner = NULL, lease_until = NULL, started_at = NULL "
+                "WHERE task_id = ? AND submission = ? AND status = ? AND owner = ?",
+                (QUEUED, job.task_id, job.submission, RUNNING, owner),
+            ).rowcount
+            if updated:
+                return "requeued"
             current = db.execute("SELECT submission FROM jobs WHERE task_id = ?", (job.task_id,)).fetchone()
         return "lost" if current is not None and current["submission"] == job.submission else "superseded"
 

@@ -390,3 +390,13 @@ def test_sigterm_with_a_clean_drain_fails_the_waiting_jobs_and_leaves_no_row_pro
     with sqlite3.connect(env["JOB_STORE_PATH"]) as db:
         left = db.execute("SELECT count(*) FROM jobs WHERE status NOT IN ('completed', 'failed')").fetchone()[0]
     assert left == 0
+
+
+def test_concurrent_duplicate_submissions_for_a_missing_row_are_all_refused(server):
+    """Seen (tester13): the first submission reserves the task and gets 404 task_not_found; the duplicates that
+    arrived while it asked Supabase answered 202 "queued" for a job that was then given back and never exists
+    (the same with Supabase down: 502 for the first, 202 for the rest, the row left pending for good)."""
+    missing = str(uuid.uuid4())
+    responses = submit_all(server, "/api/v1/predict", [request_body(missing, "u", **{"async": True})] * 8)
+    assert [response.status_code for response in responses] == [404] * 8
+    assert task_status(server, missing).status_code == 404
