@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import uuid
 
 import bentoml
@@ -177,7 +178,10 @@ class Gateway:
 
     @bentoml.on_startup
     async def _start_jobs(self) -> None:
-        await self.runner.start()
+        try:
+            await self.runner.start()
+        except (OSError, sqlite3.Error) as exc:  # JOB_STORE_PATH cannot be opened: say so and stop, never crash-loop
+            _stop_the_server(RuntimeError(f"the job store JOB_STORE_PATH={settings.job_store_path} fails: {exc}"))
         self.runner.stop_claiming_on_signals()
 
     @bentoml.on_shutdown

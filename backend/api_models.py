@@ -69,6 +69,7 @@ class PredictOptions(BaseModel):
     )
     callback_url: str | None = Field(
         None,
+        min_length=1,
         max_length=MAX_CALLBACK_URL_CHARS,
         description="With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)",
     )

@@ -494,3 +494,22 @@ def test_weights_that_cannot_work_stop_the_server_instead_of_restarting_it(tmp_p
     with pytest.raises(RuntimeError, match="bentoml serve exited"):
         bento.start(timeout_s=120)
     assert "SAM3_WEIGHTS_PATH='/nonexistent/sam3.pt' does not exist" in bento.log()
+
+
+def test_a_job_store_that_cannot_be_opened_stops_the_server(tmp_path):
+    """An unwritable JOB_STORE_PATH made the gateway worker crash and restart for ever, never ready, never exiting."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    bento = ServedBento(
+        {"API_SECRET_KEY": API_KEY, "LOCAL_STORAGE_DIR": str(tmp_path), "JOB_STORE_PATH": str(blocker / "jobs.db")},
+        tmp_path / "serve.log",
+    )
+    with pytest.raises(RuntimeError, match="bentoml serve exited"):
+        bento.start(timeout_s=120)
+    assert "the job store JOB_STORE_PATH=" in bento.log()
+
+
+def test_an_empty_callback_url_is_refused_not_ignored(server, image_key):
+    """`"callback_url": ""` with async ran the job with no webhook, silently; now it is a client error."""
+    response = post(server, "/api/v1/predict", body(image_key, **{"async": True, "callback_url": ""}))
+    assert response.status_code == 422 and response.json()["error"]["code"] == "unsupported_callback_url"
