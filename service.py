@@ -44,7 +44,6 @@ from backend.segmenter import Segmenter
 from backend.settings import get_settings
 from backend.wiring import build_jobs, build_store, build_task_store, check_auth, check_exposure, listening_hosts
 from jobs import accepted_body, status_body
-from sam3_runner import WeightsError
 
 log = logging.getLogger("sam3.service")
 settings = get_settings()
@@ -112,10 +111,7 @@ class Sam3Model:
     """Owns the GPU. Loads SAM 3 in the background: /livez answers at once, /readyz says 503 until loaded."""
 
     def __init__(self) -> None:
-        try:
-            self.segmenter = Segmenter(settings, worker_index=bentoml.server_context.worker_index or 1)
-        except WeightsError as exc:  # a weights path that cannot work: say how to fix it and stop, never crash-loop
-            _stop_the_server(exc)
+        self.segmenter = Segmenter(settings, worker_index=bentoml.server_context.worker_index or 1)
 
     def __is_ready__(self) -> bool:
         return self.segmenter.ready

@@ -17,7 +17,7 @@ MAX_INSTANCES = 200
 MAX_IMAGE_URL_CHARS = 2048
 MAX_CALLBACK_URL_CHARS = 2048
 # Far past any image this server decodes (MAX_IMAGE_PIXELS): a larger coordinate is a mistake, refused at once. The
-# model service also refuses a box that runs past the image by more than the image's own size (backend/segmenter.py).
+# model service also refuses a box that ends more than 10 image widths (heights) away (backend/segmenter.py).
 MAX_BOX_COORDINATE = 1_000_000
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -31,9 +31,9 @@ class Box(BaseModel):
     """An exemplar box in pixels of the image as displayed (EXIF orientation applied); `negative` means "not this
     kind of thing".
 
-    It must overlap the image and may run past its right or bottom edge, by at most the image's own width and
-    height: the model gets it as drawn (not clamped), as in Meta's reference. A box that does not overlap the image,
-    or runs further past it, is refused once the image is decoded.
+    It must overlap the image and may run past its right or bottom edge, up to x2 <= 10 x width and y2 <= 10 x
+    height: the model gets it as drawn (not clamped), as in Meta's reference. A box that does not overlap the
+    image, or runs further past it, is refused once the image is decoded.
     """
 
     model_config = ConfigDict(extra="forbid")

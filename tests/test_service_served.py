@@ -458,7 +458,7 @@ def test_dev_mode_refuses_to_serve_on_every_interface(tmp_path):
 
 def test_a_huge_box_is_refused_and_its_neighbours_are_answered(server, image_key):
     """The tester's input: a box of 1e11 pixels crashed the model worker for everyone. Far past any image it is
-    refused at the edge; within that bound but more than the image's size past it, by the model service, alone."""
+    refused at the edge; within that bound but more than 10 image sizes away, by the model service, alone."""
 
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers=HEADERS) as client:
@@ -483,17 +483,6 @@ def test_an_option_of_the_wrong_type_is_422_invalid_option(server, image_key, fi
     """Lax coercion answered another request than the one sent (`"threshold": true` became 1.0: no instance)."""
     response = post(server, "/api/v1/predict", body(image_key, **{field: value}))
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_option", response.text
-
-
-def test_weights_that_cannot_work_stop_the_server_instead_of_restarting_it(tmp_path):
-    """A missing SAM3_WEIGHTS_PATH made the model worker crash and restart every ~10 s, /health never answering."""
-    bento = ServedBento(
-        {"API_SECRET_KEY": API_KEY, "LOCAL_STORAGE_DIR": str(tmp_path), "SAM3_WEIGHTS_PATH": "/nonexistent/sam3.pt"},
-        tmp_path / "serve.log",
-    )
-    with pytest.raises(RuntimeError, match="bentoml serve exited"):
-        bento.start(timeout_s=120)
-    assert "SAM3_WEIGHTS_PATH='/nonexistent/sam3.pt' does not exist" in bento.log()
 
 
 def test_a_job_store_that_cannot_be_opened_stops_the_server(tmp_path):

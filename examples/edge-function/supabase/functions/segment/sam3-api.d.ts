@@ -164,10 +164,12 @@ export interface components {
         };
         /**
          * Box
-         * @description An exemplar box in original-image pixels; `negative` means "not this kind of thing".
+         * @description An exemplar box in pixels of the image as displayed (EXIF orientation applied); `negative` means "not this
+         *     kind of thing".
          *
-         *     It must overlap the image and may run past its right or bottom edge: the model gets it as drawn (not clamped),
-         *     as in Meta's reference. A box that does not overlap the image is refused once the image is decoded.
+         *     It must overlap the image and may run past its right or bottom edge, up to x2 <= 10 x width and y2 <= 10 x
+         *     height: the model gets it as drawn (not clamped), as in Meta's reference. A box that does not overlap the
+         *     image, or runs further past it, is refused once the image is decoded.
          */
         Box: {
             /** X1 */
