@@ -387,10 +387,7 @@ class JobStore:
                     owner,
                 ),
             ).rowcount
-            if updated:
-                return "finished"
-            current = db.execute("SELECT submission FROM jobs WHERE task_id = ?", (job.task_id,)).fetchone()
-        return "lost" if current is not None and current["submission"] == job.submission else "superseded"
+            return "finished" if updated else _missed(db, job)
 
     def _requeue(self, job: Job, owner: str) -> str:
         with _transaction(self._conn) as db:
@@ -399,10 +396,7 @@ class JobStore:
                 "WHERE task_id = ? AND submission = ? AND status = ? AND owner = ?",
                 (QUEUED, job.task_id, job.submission, RUNNING, owner),
             ).rowcount
-            if updated:
-                return "requeued"
-            current = db.execute("SELECT submission FROM jobs WHERE task_id = ?", (job.task_id,)).fetchone()
-        return "lost" if current is not None and current["submission"] == job.submission else "superseded"
+            return "requeued" if updated else _missed(db, job)
 
     def _claim_row_writes(self, retry_after_s: float) -> list[RowWrite]:
         now = time.time()
@@ -439,6 +433,13 @@ class JobStore:
     def _count(self, statuses: tuple[str, ...]) -> int:
         marks = ", ".join("?" * len(statuses))
         return self._conn.execute(f"SELECT count(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+
+
+def _missed(db: sqlite3.Connection, job: Job) -> str:
+    """Why an update of this submission of a running job matched nothing: "lost" (the job is still this submission,
+    no longer this owner's: its lease ran out) or "superseded" (a newer submission replaced it, or it expired)."""
+    current = db.execute("SELECT submission FROM jobs WHERE task_id = ?", (job.task_id,)).fetchone()
+    return "lost" if current is not None and current["submission"] == job.submission else "superseded"
 
 
 class _transaction:
