@@ -1,8 +1,25 @@
-"""Meta's original `sam3.pt` -> transformers `Sam3Model` state dict.
+"""Meta's original `sam3.pt` -> transformers `Sam3Model` (the detector) or `Sam3VideoModel` (detector + tracker).
 
-Each Meta key gets a plan: the transformers key(s) it feeds and how its tensor changes on the way
-(fused q/k/v split in three, the ViT CLS position dropped, the CLIP text projection transposed).
-Plans work on shapes as well as tensors, so the whole table is testable without real weights.
+A `sam3.pt` holds 1465 tensors: 1156 under `detector.` (Meta's image model, its SAM 2 neck included) and 309 under
+`tracker.` (the interactive tracker: prompt encoder, mask decoder, memory attention and memory encoder; it has no ViT
+of its own and reads the detector's trunk through the SAM 2 neck). `Sam3VideoModel` holds the same modules under
+transformers names: `detector_model.*` (a `Sam3Model`), `tracker_neck.*` (the SAM 2 neck) and `tracker_model.*`
+(a `Sam3TrackerVideoModel` without a vision encoder).
+
+Each Meta key gets a plan: the transformers key(s) it feeds and how its tensor changes on the way (fused q/k/v split
+in three, the ViT CLS position dropped, the CLIP text projection transposed, the prompt encoder's four point embeddings
+stacked into one table, its random-Fourier position matrix copied to the two places transformers keeps it). Plans work
+on shapes as well as tensors, so the whole table is testable without real weights. The names follow transformers'
+own converters (`models/sam3/convert_sam3_to_hf.py`, `models/sam3_video/convert_sam3_video_to_hf.py`).
+
+Meta keys with no counterpart (dropped; see `no_counterpart`):
+- `backbone.vision_backbone.trunk.blocks.*.attn.freqs_cis` (32): the ViT's precomputed rope tables; transformers
+  recomputes them from the config.
+- `geometry_encoder.points_{direct,pool,pos_enc}_project.*` (6): the detector's point-prompt projections; transformers'
+  `Sam3Model` takes no point prompts (points go to the tracker).
+- for the image model only, `backbone.vision_backbone.sam2_convs.*` (22): the tracker's neck (`tracker_neck.*` in
+  `Sam3VideoModel`).
+Every `tracker.*` key has a counterpart in `Sam3VideoModel`.
 """
 
 from __future__ import annotations
@@ -14,22 +31,27 @@ from dataclasses import dataclass
 import torch
 
 DETECTOR_PREFIX = "detector."
-TRACKER_PREFIX = "tracker."  # the interactive (video) tracker's own modules: never part of the image model
+TRACKER_PREFIX = "tracker."  # the interactive tracker (`Sam3VideoModel.tracker_model`): never part of the image model
 
 # The SAM 2 neck the tracker reads the trunk through: 22 keys `sam2_convs.{0..3}.*`, laid out like `convs`
-# (Meta's video builder loads them into the detector). The image model has no counterpart; the tracker's neck
-# (transformers `tracker_neck.*`) will take them with the visual-prompts work.
+# (Meta's video builder loads them into the detector). `Sam3VideoModel` holds it as `tracker_neck.*`.
 SAM2_NECK = re.compile(
     r"^backbone\.vision_backbone\.sam2_convs\.\d+\.(dconv_2x2(_[01])?|conv_1x1|conv_3x3)\.(weight|bias)$"
 )
 
-# Meta keys that have no counterpart in the transformers image model: the ViT's precomputed rope tables
-# (transformers recomputes them), the point-prompt projections (points belong to the tracker) and the SAM 2 neck.
-NO_COUNTERPART = (
-    re.compile(r"^backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis$"),
-    re.compile(r"^geometry_encoder\.points_(direct|pool|pos_enc)_project\.(weight|bias)$"),
-    SAM2_NECK,
+# Meta detector keys (without `detector.`) that no transformers model holds, and why.
+_NO_COUNTERPART = (
+    (
+        re.compile(r"^backbone\.vision_backbone\.trunk\.blocks\.\d+\.attn\.freqs_cis$"),
+        "the ViT's precomputed rope table: transformers recomputes it",
+    ),
+    (
+        re.compile(r"^geometry_encoder\.points_(direct|pool|pos_enc)_project\.(weight|bias)$"),
+        "a point-prompt projection of the detector: transformers' Sam3Model takes no point prompts",
+    ),
 )
+# ... and the image model (`Sam3Model`) has no tracker neck either.
+NO_COUNTERPART = tuple(pattern for pattern, _reason in _NO_COUNTERPART) + (SAM2_NECK,)
 
 _VIT = r"backbone\.vision_backbone\.trunk\."
 _TEXT = r"backbone\.language_backbone\.encoder\."
@@ -145,6 +167,96 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 _COMPILED = tuple((re.compile(f"^{pattern}$"), replacement) for pattern, replacement in _RENAMES)
 
+# The SAM 2 neck (`detector.backbone.vision_backbone.sam2_convs.*`) -> `tracker_neck.*`: laid out like the detector's.
+_TRACKER_NECK_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"backbone\.vision_backbone\.sam2_convs\.(\d+)\.dconv_2x2(_0)?\.(.+)", r"fpn_layers.\1.scale_layers.0.\3"),
+    (r"backbone\.vision_backbone\.sam2_convs\.(\d+)\.dconv_2x2_1\.(.+)", r"fpn_layers.\1.scale_layers.2.\2"),
+    (r"backbone\.vision_backbone\.sam2_convs\.(\d+)\.conv_1x1\.(.+)", r"fpn_layers.\1.proj1.\2"),
+    (r"backbone\.vision_backbone\.sam2_convs\.(\d+)\.conv_3x3\.(.+)", r"fpn_layers.\1.proj2.\2"),
+)
+
+_PROMPT = r"sam_prompt_encoder\."
+_MASK = r"sam_mask_decoder\."
+# The mask decoder's three-layer MLPs: Meta's `layers.{0,1,2}` are transformers' `proj_in`, `layers.0`, `proj_out`.
+_HEAD = r"(iou_prediction_head|pred_obj_score_head|output_hypernetworks_mlps\.\d+)"
+_TWO_WAY = r"transformer\.(layers\.\d+\.(?:self_attn|cross_attn_token_to_image|cross_attn_image_to_token)|final_attn_token_to_image)"
+_MEMORY = r"transformer\.encoder\."
+_DOWNSAMPLER = r"maskmem_backbone\.mask_downsampler\.encoder\."
+
+# Meta's tracker (without `tracker.`) -> `Sam3VideoModel.tracker_model` (without `tracker_model.`), as in
+# `_RENAMES`; besides, `a | b` means the one tensor feeds both keys (transformers keeps the prompt encoder's
+# Fourier matrix twice) and `name[\1]` that the tensor is row \1 of `name` (the point embeddings are one table).
+_TRACKER_RENAMES: tuple[tuple[str, str], ...] = (
+    # Prompt encoder
+    (
+        _PROMPT + r"pe_layer\.positional_encoding_gaussian_matrix",
+        r"prompt_encoder.shared_embedding.positional_embedding | shared_image_embedding.positional_embedding",
+    ),
+    (_PROMPT + r"point_embeddings\.(\d+)\.weight", r"prompt_encoder.point_embed.weight[\1]"),
+    (_PROMPT + r"(no_mask_embed|not_a_point_embed)\.weight", r"prompt_encoder.\1.weight"),
+    (_PROMPT + r"mask_downscaling\.0\.(.+)", r"prompt_encoder.mask_embed.conv1.\1"),
+    (_PROMPT + r"mask_downscaling\.1\.(.+)", r"prompt_encoder.mask_embed.layer_norm1.\1"),
+    (_PROMPT + r"mask_downscaling\.3\.(.+)", r"prompt_encoder.mask_embed.conv2.\1"),
+    (_PROMPT + r"mask_downscaling\.4\.(.+)", r"prompt_encoder.mask_embed.layer_norm2.\1"),
+    (_PROMPT + r"mask_downscaling\.6\.(.+)", r"prompt_encoder.mask_embed.conv3.\1"),
+    # Mask decoder (conv_s0 / conv_s1 project the neck's 4x and 2x levels for its upscaling path)
+    (_MASK + r"(iou_token|mask_tokens|obj_score_token)\.weight", r"mask_decoder.\1.weight"),
+    (_MASK + r"(conv_s[01])\.(.+)", r"mask_decoder.\1.\2"),
+    (_MASK + r"output_upscaling\.0\.(.+)", r"mask_decoder.upscale_conv1.\1"),
+    (_MASK + r"output_upscaling\.1\.(.+)", r"mask_decoder.upscale_layer_norm.\1"),
+    (_MASK + r"output_upscaling\.3\.(.+)", r"mask_decoder.upscale_conv2.\1"),
+    (_MASK + _HEAD + r"\.layers\.0\.(.+)", r"mask_decoder.\1.proj_in.\2"),
+    (_MASK + _HEAD + r"\.layers\.1\.(.+)", r"mask_decoder.\1.layers.0.\2"),
+    (_MASK + _HEAD + r"\.layers\.2\.(.+)", r"mask_decoder.\1.proj_out.\2"),
+    (_MASK + _TWO_WAY + r"\.([qkv])_proj\.(.+)", r"mask_decoder.transformer.\1.\2_proj.\3"),
+    (_MASK + _TWO_WAY + r"\.out_proj\.(.+)", r"mask_decoder.transformer.\1.o_proj.\2"),
+    (_MASK + r"transformer\.layers\.(\d+)\.mlp\.lin1\.(.+)", r"mask_decoder.transformer.layers.\1.mlp.proj_in.\2"),
+    (_MASK + r"transformer\.layers\.(\d+)\.mlp\.lin2\.(.+)", r"mask_decoder.transformer.layers.\1.mlp.proj_out.\2"),
+    (_MASK + r"transformer\.layers\.(\d+)\.norm([1-4])\.(.+)", r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
+    (_MASK + r"transformer\.norm_final_attn\.(.+)", r"mask_decoder.transformer.layer_norm_final_attn.\1"),
+    # Memory attention (Meta's `transformer.encoder`)
+    (
+        _MEMORY + r"layers\.(\d+)\.(self_attn|cross_attn_image)\.([qkv])_proj\.(.+)",
+        r"memory_attention.layers.\1.\2.\3_proj.\4",
+    ),
+    (
+        _MEMORY + r"layers\.(\d+)\.(self_attn|cross_attn_image)\.out_proj\.(.+)",
+        r"memory_attention.layers.\1.\2.o_proj.\3",
+    ),
+    (_MEMORY + r"layers\.(\d+)\.linear([12])\.(.+)", r"memory_attention.layers.\1.linear\2.\3"),
+    (_MEMORY + r"layers\.(\d+)\.norm([123])\.(.+)", r"memory_attention.layers.\1.layer_norm\2.\3"),
+    (_MEMORY + r"norm\.(.+)", r"memory_attention.layer_norm.\1"),
+    # Memory encoder (Meta's `maskmem_backbone`): the mask downsampler's Sequential is (conv, norm, GELU) x 4 + conv
+    (_DOWNSAMPLER + r"12\.(.+)", r"memory_encoder.mask_downsampler.final_conv.\1"),
+    (_DOWNSAMPLER + r"(0|3|6|9)\.(.+)", r"memory_encoder.mask_downsampler.layers.<div3:\1>.conv.\2"),
+    (_DOWNSAMPLER + r"(1|4|7|10)\.(.+)", r"memory_encoder.mask_downsampler.layers.<div3:\1>.layer_norm.\2"),
+    (
+        r"maskmem_backbone\.fuser\.layers\.(\d+)\.dwconv\.(.+)",
+        r"memory_encoder.memory_fuser.layers.\1.depthwise_conv.\2",
+    ),
+    (
+        r"maskmem_backbone\.fuser\.layers\.(\d+)\.pwconv([12])\.(.+)",
+        r"memory_encoder.memory_fuser.layers.\1.pointwise_conv\2.\3",
+    ),
+    (r"maskmem_backbone\.fuser\.layers\.(\d+)\.norm\.(.+)", r"memory_encoder.memory_fuser.layers.\1.layer_norm.\2"),
+    (r"maskmem_backbone\.fuser\.layers\.(\d+)\.gamma", r"memory_encoder.memory_fuser.layers.\1.scale"),
+    (r"maskmem_backbone\.pix_feat_proj\.(.+)", r"memory_encoder.feature_projection.\1"),
+    (r"maskmem_backbone\.out_proj\.(.+)", r"memory_encoder.projection.\1"),
+    # Memory and object-pointer embeddings
+    (r"no_mem_embed", r"no_memory_embedding"),
+    (r"no_mem_pos_enc", r"no_memory_positional_encoding"),
+    (r"maskmem_tpos_enc", r"memory_temporal_positional_encoding"),
+    (r"no_obj_ptr", r"no_object_pointer"),
+    (r"no_obj_embed_spatial", r"occlusion_spatial_embedding_parameter"),
+    (r"mask_downsample\.(weight|bias)", r"mask_downsample.\1"),
+    (r"obj_ptr_proj\.layers\.0\.(.+)", r"object_pointer_proj.proj_in.\1"),
+    (r"obj_ptr_proj\.layers\.1\.(.+)", r"object_pointer_proj.layers.0.\1"),
+    (r"obj_ptr_proj\.layers\.2\.(.+)", r"object_pointer_proj.proj_out.\1"),
+    (r"obj_ptr_tpos_proj\.(.+)", r"temporal_positional_encoding_projection_layer.\1"),
+)
+_TRACKER_NECK_COMPILED = tuple((re.compile(f"^{p}$"), r) for p, r in _TRACKER_NECK_RENAMES)
+_TRACKER_COMPILED = tuple((re.compile(f"^{p}$"), r) for p, r in _TRACKER_RENAMES)
+
 # Meta attention module names -> transformers ones (the decoder calls its image cross-attention differently).
 _ATTENTION_NAMES = {"self_attn": "self_attn", "cross_attn_image": "cross_attn", "cross_attn": "cross_attn"}
 _DECODER_ATTENTION_NAMES = {"self_attn": "self_attn", "cross_attn": "vision_cross_attn", "ca_text": "text_cross_attn"}
@@ -160,15 +272,22 @@ class UnknownKeyError(ValueError):
 
 @dataclass(frozen=True)
 class KeyPlan:
-    """Where one Meta tensor goes: `targets[i]` receives chunk i (three chunks for fused q/k/v)."""
+    """Where one Meta tensor goes: `targets[i]` receives chunk i (three chunks for fused q/k/v).
+
+    transform: "copy"; "split_qkv" (chunks along dim 0); "drop_cls_position" (dim 1 loses its first entry);
+    "transpose"; "duplicate" (every target gets the whole tensor); "row" (the tensor is rows `row` of the one
+    target: all of a target's rows are stacked along dim 0 in `row` order).
+    """
 
     targets: tuple[str, ...]
-    transform: str  # "copy", "split_qkv", "drop_cls_position", "transpose"
+    transform: str
+    row: int = 0
 
 
 def _expand(replacement: str) -> str:
     replacement = re.sub(r"<decoder:(\w+)>", lambda m: _DECODER_ATTENTION_NAMES[m.group(1)], replacement)
     replacement = re.sub(r"<\+1:(\d+)>", lambda m: str(int(m.group(1)) + 1), replacement)
+    replacement = re.sub(r"<div3:(\d+)>", lambda m: str(int(m.group(1)) // 3), replacement)
     return re.sub(r"<(\w+)>", lambda m: _ATTENTION_NAMES[m.group(1)], replacement)
 
 
@@ -192,15 +311,62 @@ def plan_key(meta_key: str) -> KeyPlan | None:
     raise UnknownKeyError(meta_key)
 
 
+def no_counterpart(meta_key: str) -> str | None:
+    """Why a full `sam3.pt` key (with its `detector.` / `tracker.` prefix) has no `Sam3VideoModel` counterpart,
+    or None when it has one (or is unknown)."""
+    detector_key = meta_key.removeprefix(DETECTOR_PREFIX)
+    if detector_key == meta_key:
+        return None
+    return next((reason for pattern, reason in _NO_COUNTERPART if pattern.match(detector_key)), None)
+
+
+def _renamed(table: tuple[tuple[re.Pattern[str], str], ...], key: str, prefix: str) -> KeyPlan | None:
+    for pattern, replacement in table:
+        if pattern.match(key):
+            target = _expand(pattern.sub(replacement, key))
+            row = re.fullmatch(r"(.+)\[(\d+)\]", target)
+            if row:
+                return KeyPlan((prefix + row.group(1),), "row", int(row.group(2)))
+            targets = tuple(prefix + name for name in target.split(" | "))
+            return KeyPlan(targets, "duplicate" if len(targets) > 1 else "copy")
+    return None
+
+
+def plan_video_key(meta_key: str) -> KeyPlan | None:
+    """The plan for one key of a full `sam3.pt` (with its `detector.` / `tracker.` prefix) into `Sam3VideoModel`,
+    or None when it has no counterpart (`no_counterpart` says why).
+
+    Raises UnknownKeyError (naming the key as given) for a key no rule knows.
+    """
+    if no_counterpart(meta_key):
+        return None
+    plan = None
+    if meta_key.startswith(TRACKER_PREFIX):
+        plan = _renamed(_TRACKER_COMPILED, meta_key.removeprefix(TRACKER_PREFIX), "tracker_model.")
+    elif meta_key.startswith(DETECTOR_PREFIX):
+        detector_key = meta_key.removeprefix(DETECTOR_PREFIX)
+        plan = _renamed(_TRACKER_NECK_COMPILED, detector_key, "tracker_neck.")
+        if plan is None and not SAM2_NECK.match(detector_key):
+            try:
+                image_plan = plan_key(detector_key)
+            except UnknownKeyError:
+                raise UnknownKeyError(meta_key) from None
+            if image_plan is not None:
+                plan = KeyPlan(tuple("detector_model." + t for t in image_plan.targets), image_plan.transform)
+    if plan is None:
+        raise UnknownKeyError(meta_key)
+    return plan
+
+
 def convert_shape(plan: KeyPlan, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The shapes the plan produces from a Meta tensor of `shape`."""
+    """The shapes the plan produces from a Meta tensor of `shape` (for "row": this tensor's rows only)."""
     if plan.transform == "split_qkv":
         return [(shape[0] // 3, *shape[1:])] * 3
     if plan.transform == "drop_cls_position":
         return [(shape[0], shape[1] - 1, *shape[2:])]
     if plan.transform == "transpose":
         return [tuple(reversed(shape))]
-    return [tuple(shape)]
+    return [tuple(shape)] * len(plan.targets)
 
 
 def convert_tensor(plan: KeyPlan, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -210,7 +376,16 @@ def convert_tensor(plan: KeyPlan, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor[:, 1:]]
     if plan.transform == "transpose":
         return [tensor.t().contiguous()]
+    if plan.transform == "duplicate":
+        return [tensor] + [tensor.clone() for _ in plan.targets[1:]]
     return [tensor]
+
+
+def _tensors(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(state, Mapping):
+        raise ValueError("the checkpoint holds no state dict (expected a mapping, possibly under 'model')")
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 def image_model_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
@@ -219,10 +394,7 @@ def image_model_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.
     A payload without `detector.` keys is taken as a bare image-model state dict. Raises UnknownKeyError for
     any other key (named as in the file), ValueError when the payload holds no state dict.
     """
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
-    if not isinstance(state, Mapping):
-        raise ValueError("the checkpoint holds no state dict (expected a mapping, possibly under 'model')")
-    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    tensors = _tensors(checkpoint)
     prefix = DETECTOR_PREFIX if any(key.startswith(DETECTOR_PREFIX) for key in tensors) else ""
     detector = {}
     for key, value in tensors.items():
@@ -247,4 +419,35 @@ def convert_state_dict(meta_state: Mapping[str, torch.Tensor]) -> dict[str, torc
             continue
         for target, part in zip(plan.targets, convert_tensor(plan, tensor), strict=True):
             converted[target] = part
+    return converted
+
+
+def video_model_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """A full `sam3.pt` payload (`detector.*` and `tracker.*`, possibly under 'model') -> the state dict of
+    transformers' `Sam3VideoModel`: `detector_model.*`, `tracker_neck.*` and `tracker_model.*`, in transformers'
+    layouts (see `KeyPlan`); keys with no counterpart (`no_counterpart`) are dropped. Dtypes are kept.
+
+    For the released checkpoint the result loads with `strict=True` into `Sam3VideoModel(Sam3VideoConfig())`.
+    Raises UnknownKeyError for a key no rule knows (named as in the file), ValueError when the payload holds no
+    state dict, lacks the detector or the tracker, or misses one of the rows of a stacked table.
+    """
+    tensors = _tensors(checkpoint)
+    for prefix, part in ((DETECTOR_PREFIX, "image model"), (TRACKER_PREFIX, "tracker")):
+        if not any(key.startswith(prefix) for key in tensors):
+            raise ValueError(f"the checkpoint holds no {part} (no `{prefix}*` keys); Meta's sam3.pt has both")
+    converted: dict[str, torch.Tensor] = {}
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        plan = plan_video_key(key)
+        if plan is None:
+            continue
+        if plan.transform == "row":
+            rows.setdefault(plan.targets[0], {})[plan.row] = tensor
+            continue
+        for target, part in zip(plan.targets, convert_tensor(plan, tensor), strict=True):
+            converted[target] = part
+    for target, pieces in rows.items():
+        if sorted(pieces) != list(range(len(pieces))):
+            raise ValueError(f"the checkpoint has rows {sorted(pieces)} of {target}, not 0..{len(pieces) - 1}")
+        converted[target] = torch.cat([pieces[row] for row in range(len(pieces))])
     return converted
