@@ -7,9 +7,17 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import Sam3Model
+from transformers import (
+    Sam3Model,
+    Sam3TrackerVideoConfig,
+    Sam3TrackerVideoMaskDecoderConfig,
+    Sam3TrackerVideoPromptEncoderConfig,
+    Sam3VideoConfig,
+    Sam3VideoModel,
+)
 
-from sam3_runner.meta_checkpoint import plan_key
+from sam3_runner.demo import DEMO_IMAGE_SIZE, demo_config
+from sam3_runner.meta_checkpoint import KeyPlan, plan_key, plan_video_key
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "sam3_meta_image_model_state_dict.json"  # sam3 0.1.4's image model, SAM 2 neck included
@@ -37,15 +45,7 @@ def to_meta_checkpoint(model: Sam3Model) -> dict:
             continue
         if not all(target in hf_state for target in plan.targets):
             continue  # a deeper layer than the tiny model has
-        parts = [hf_state[target] for target in plan.targets]
-        if plan.transform == "split_qkv":
-            tensor = torch.cat(parts, dim=0)
-        elif plan.transform == "drop_cls_position":
-            tensor = torch.cat([torch.randn_like(parts[0][:, :1]), parts[0]], dim=1)
-        elif plan.transform == "transpose":
-            tensor = parts[0].t().contiguous()
-        else:
-            tensor = parts[0]
+        tensor = meta_layout(plan, [hf_state[target] for target in plan.targets])
         detector[f"detector.{key}"] = tensor
     for key, tensor in list(detector.items()):  # the SAM 2 neck: a copy of the detector's neck, as in the real file
         if ".vision_backbone.convs." in key:
@@ -54,6 +54,70 @@ def to_meta_checkpoint(model: Sam3Model) -> dict:
     for key in meta_keys(TRACKER_FIXTURE):  # the tracker's 309 keys, small: the image model ignores them
         detector[f"tracker.{key}"] = torch.randn(2)
     return {"model": detector}
+
+
+def meta_layout(plan: KeyPlan, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The Meta tensor a plan turns into `parts` (its targets' tensors): the plan undone."""
+    if plan.transform == "split_qkv":
+        return torch.cat(parts, dim=0)
+    if plan.transform == "drop_cls_position":
+        return torch.cat([torch.randn_like(parts[0][:, :1]), parts[0]], dim=1)
+    if plan.transform == "transpose":
+        return parts[0].t().contiguous()
+    if plan.transform == "row":
+        return parts[0][plan.row : plan.row + 1].clone()
+    assert all(torch.equal(part, parts[0]) for part in parts), plan  # "duplicate": every copy holds the same
+    return parts[0]
+
+
+def tiny_video_model(seed: int = 0) -> Sam3VideoModel:
+    """A tiny `Sam3VideoModel` (the demo detector + a 32-wide tracker) with every tensor random, zero-initialised
+    embeddings included; the prompt encoder's two copies of its Fourier matrix agree, as in a converted sam3.pt."""
+    grid = DEMO_IMAGE_SIZE // 14
+    detector = demo_config()
+    tracker = Sam3TrackerVideoConfig(
+        vision_config=detector.vision_config,
+        prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(
+            hidden_size=32, image_size=DEMO_IMAGE_SIZE, patch_size=14
+        ),
+        mask_decoder_config=Sam3TrackerVideoMaskDecoderConfig(
+            hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32
+        ),
+        image_size=DEMO_IMAGE_SIZE,
+        memory_attention_hidden_size=32,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64,
+        memory_attention_rope_feat_sizes=[grid, grid],
+        memory_encoder_hidden_size=32,
+        memory_encoder_output_channels=16,
+        mask_downsampler_embed_dim=32,
+        memory_fuser_num_layers=1,
+        memory_fuser_embed_dim=32,
+        memory_fuser_intermediate_dim=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Sam3VideoModel(Sam3VideoConfig(detector_config=detector, tracker_config=tracker)).eval()
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                tensor.copy_(torch.randn_like(tensor))
+            fourier = model.tracker_model.prompt_encoder.shared_embedding.positional_embedding
+            model.tracker_model.shared_image_embedding.positional_embedding.copy_(fourier)
+    return model
+
+
+def to_meta_video_checkpoint(model: Sam3VideoModel) -> dict:
+    """The inverse of the video key plans: a `Sam3VideoModel` written out as Meta's full sam3.pt holds it
+    (`detector.*` with the SAM 2 neck, `tracker.*`), keys with no counterpart included as small random tensors."""
+    hf_state = model.state_dict()
+    payload = {}
+    for key in [f"detector.{k}" for k in meta_keys()] + [f"tracker.{k}" for k in meta_keys(TRACKER_FIXTURE)]:
+        plan = plan_video_key(key)
+        if plan is None:
+            payload[key] = torch.randn(2)
+        elif all(target in hf_state for target in plan.targets):  # else a deeper layer than the tiny model has
+            payload[key] = meta_layout(plan, [hf_state[target] for target in plan.targets])
+    return {"model": payload}
 
 
 def write_meta_checkpoint(directory: Path, model: Sam3Model, files_from: Path | None = None) -> Path:
