@@ -275,8 +275,8 @@ class KeyPlan:
     """Where one Meta tensor goes: `targets[i]` receives chunk i (three chunks for fused q/k/v).
 
     transform: "copy"; "split_qkv" (chunks along dim 0); "drop_cls_position" (dim 1 loses its first entry);
-    "transpose"; "duplicate" (every target gets the whole tensor); "row" (the tensor is rows `row` of the one
-    target: all of a target's rows are stacked along dim 0 in `row` order).
+    "transpose"; "duplicate" (every target gets the whole tensor); "row" (the tensor is row `row` of the one
+    target: a target's rows are stacked along dim 0 in `row` order).
     """
 
     targets: tuple[str, ...]
@@ -340,19 +340,19 @@ def plan_video_key(meta_key: str) -> KeyPlan | None:
     """
     if no_counterpart(meta_key):
         return None
-    plan = None
     if meta_key.startswith(TRACKER_PREFIX):
         plan = _renamed(_TRACKER_COMPILED, meta_key.removeprefix(TRACKER_PREFIX), "tracker_model.")
     elif meta_key.startswith(DETECTOR_PREFIX):
         detector_key = meta_key.removeprefix(DETECTOR_PREFIX)
         plan = _renamed(_TRACKER_NECK_COMPILED, detector_key, "tracker_neck.")
-        if plan is None and not SAM2_NECK.match(detector_key):
+        if plan is None:
             try:
-                image_plan = plan_key(detector_key)
+                image_plan = plan_key(detector_key)  # not the SAM 2 neck here, so never None
             except UnknownKeyError:
                 raise UnknownKeyError(meta_key) from None
-            if image_plan is not None:
-                plan = KeyPlan(tuple("detector_model." + t for t in image_plan.targets), image_plan.transform)
+            plan = KeyPlan(tuple("detector_model." + t for t in image_plan.targets), image_plan.transform)
+    else:
+        plan = None
     if plan is None:
         raise UnknownKeyError(meta_key)
     return plan
