@@ -1,8 +1,9 @@
 """Meta's original `sam3.pt` -> transformers `Sam3Model` (the detector) or `Sam3VideoModel` (detector + tracker).
 
-A `sam3.pt` holds 1465 tensors: 1156 under `detector.` (Meta's image model, its SAM 2 neck included) and 309 under
-`tracker.` (the interactive tracker: prompt encoder, mask decoder, memory attention and memory encoder; it has no ViT
-of its own and reads the detector's trunk through the SAM 2 neck). `Sam3VideoModel` holds the same modules under
+A `sam3.pt` holds 1465 tensors (as Meta's `sam3` 0.1.4 package builds the model it loads strictly): 1156 under
+`detector.` (Meta's image model, its SAM 2 neck included) and 309 under `tracker.` (the interactive tracker: prompt
+encoder, mask decoder, memory attention and memory encoder; it has no ViT of its own and reads the detector's trunk
+through the SAM 2 neck). `Sam3VideoModel` holds the same modules under
 transformers names: `detector_model.*` (a `Sam3Model`), `tracker_neck.*` (the SAM 2 neck) and `tracker_model.*`
 (a `Sam3TrackerVideoModel` without a vision encoder).
 
