@@ -55,27 +55,37 @@ class R2Storage:
         return resolve_image_key(image_url, self.bucket, self.endpoint_url, self.public_base_url)
 
     def get_image(self, key: str, max_bytes: int) -> bytes:
-        """The object's bytes, refusing (while streaming) anything over `max_bytes`."""
+        """The image's bytes, refusing (while streaming) anything over `max_bytes`."""
+        return self._get(key, max_bytes, "image")
+
+    def get_object(self, key: str, max_bytes: int) -> bytes:
+        """Any object's bytes (a record the gateway wrote), refusing anything over `max_bytes`."""
+        return self._get(key, max_bytes, "object")
+
+    def _get(self, key: str, max_bytes: int, what: str) -> bytes:
         with _translated_errors(key):
             response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
             length = response.get("ContentLength")
             body = response["Body"]
             try:
                 if length is not None and length > max_bytes:
-                    raise ObjectTooLarge(f"the image is {length} bytes; the limit is {max_bytes}")
+                    raise ObjectTooLarge(f"the {what} is {length} bytes; the limit is {max_bytes}")
                 chunks, received = [], 0
                 for chunk in body.iter_chunks(_CHUNK):
                     received += len(chunk)
                     if received > max_bytes:
-                        raise ObjectTooLarge(f"the image is over the {max_bytes}-byte limit")
+                        raise ObjectTooLarge(f"the {what} is over the {max_bytes}-byte limit")
                     chunks.append(chunk)
                 return b"".join(chunks)
             finally:
                 body.close()
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
+        return self.put_object(key, data, "image/png")
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> StoredObject:
         with _translated_errors(key):
-            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType="image/png")
+            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type)
             return StoredObject(key=key, url=self.url_for(key))
 
     def url_for(self, key: str) -> str:

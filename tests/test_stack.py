@@ -229,7 +229,9 @@ def pipeline_for(r2_env, supabase_env, segmenter, secret=None):
     )
     tasks = SupabaseTaskStore(supabase_env["SUPABASE_URL"], supabase_env["SUPABASE_SERVICE_ROLE_KEY"], timeout_s=3)
 
-    return PredictPipeline(store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500))
+    return PredictPipeline(
+        store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500, 86_400)
+    )
 
 
 def run_predict(pipeline, task_id, user_id, image_url="images/in.jpg"):
