@@ -15,8 +15,8 @@ from typing import Protocol
 
 from backend.api_models import VisualPredictRequest
 from backend.cost import Cost, estimate
-from backend.protocol import make_item, make_visual_item
-from backend.refinement import Refinement, Refinements, image_sha256, logits_of
+from backend.protocol import make_item, make_visual_item, unpack_logits
+from backend.refinement import Refinement, Refinements, image_sha256
 from sam3_runner import BoxPrompt, PointPrompt, Prompt, VisualPrompt
 
 # The label of a visual prompt's candidates: they are masks of the object pointed at, not of a named concept.
@@ -95,4 +95,5 @@ class ObjectPrompt:
         return make_visual_item(image, prompt, max_pixels)
 
     async def keep(self, outcome: dict) -> None:
-        await self._refinements.save(self.request.user_id, self.request.task_id, self._image_sha256, logits_of(outcome))
+        logits = unpack_logits(outcome["mask_logits"])
+        await self._refinements.save(self.request.user_id, self.request.task_id, self._image_sha256, logits)

@@ -84,12 +84,6 @@ def decode_record(task_id: str, data: bytes) -> Refinement:
     return Refinement(task_id, logits, digest, created_at)
 
 
-def logits_of(outcome: dict) -> np.ndarray:
-    """The model service's `mask_logits` ({"shape": [h, w], "dtype", "data": bytes}) as an array."""
-    logits = outcome["mask_logits"]
-    return np.frombuffer(logits["data"], dtype=np.dtype(logits["dtype"])).reshape(logits["shape"])
-
-
 class Refinements:
     """The records in the object store; `retention_s` (TASK_RETENTION_S) is how long one may be used."""
 

@@ -7,6 +7,7 @@ feeds back, and what it writes to the response, the bucket and the row.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import uuid
@@ -15,13 +16,21 @@ import httpx
 import numpy as np
 import pytest
 from conftest import encode, random_image
+from in_process import InProcessModel
 from PIL import Image
 from runner_asserts import decode_rle, mask_iou
 from stack import STACK_API_KEY, new_task_row, task_row
 
-from backend.protocol import make_visual_item
+from backend.api_models import VisualPredictRequest
+from backend.errors import ApiError
+from backend.pipeline import Limits, PredictPipeline
+from backend.protocol import make_visual_item, unpack_logits
 from backend.refinement import decode_record, encode_record, image_sha256, refine_key
+from backend.segmenter import Segmenter
+from backend.settings import Settings
 from sam3_runner import BoxPrompt, PointPrompt, VisualPrompt
+from storage import R2Storage
+from tasks import SupabaseTaskStore
 
 pytestmark = pytest.mark.stack
 HEADERS = {"X-API-Key": STACK_API_KEY}
@@ -128,13 +137,15 @@ def test_each_prompt_is_the_model_answer_to_the_same_prompt(
     )
 
 
-def test_a_negative_point_changes_the_answer(stack_server, supabase):
+def test_a_negative_point_changes_the_answer(stack_server, supabase, photos):
     answers = []
     for label in ("positive", "negative"):
         task_id, user_id = new_task_row(supabase)
         points = [TAP, {"x": 100.0, "y": 80.0, "label": label}]
-        answers.append(visual(stack_server, task_id, user_id, points=points).json()["instances"])
-    assert answers[0][0]["score"] != answers[1][0]["score"]
+        response = visual(stack_server, task_id, user_id, points=points)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["instances"])
+    assert answers[0][0]["rle"] != answers[1][0]["rle"]
 
 
 @pytest.mark.parametrize(
@@ -160,7 +171,7 @@ def test_refining_feeds_the_previous_best_mask_back(stack_server, r2, supabase, 
     record = stored_record(r2, bucket, user_id, first_task)
     first = direct(segmenter, photos[PHOTO], points=[TAP], multimask=True)
     logits = first["mask_logits"]
-    expected_logits = np.frombuffer(logits["data"], dtype=logits["dtype"]).reshape(logits["shape"])
+    expected_logits = unpack_logits(logits)
     assert record.logits.dtype == np.float16
     np.testing.assert_allclose(
         record.logits.astype(np.float32), expected_logits.astype(np.float32), rtol=1e-2, atol=1e-2
@@ -176,7 +187,7 @@ def test_refining_feeds_the_previous_best_mask_back(stack_server, r2, supabase, 
 
     fresh_task, _ = new_task_row(supabase)
     fresh = visual(stack_server, fresh_task, user_id, points=points).json()["instances"]
-    assert fresh[0]["score"] != refined.json()["instances"][0]["score"]  # the mask prompt changed the answer
+    assert fresh[0]["rle"] != refined.json()["instances"][0]["rle"]  # the mask prompt changed the answer
     assert task_row(supabase, refined_task)["status"] == "completed"
 
 
@@ -341,3 +352,24 @@ def test_the_schema_documents_the_visual_request(stack_server):
     assert multimask["type"] == "boolean" and "anyOf" not in multimask and "default" not in multimask
     point = schema["components"]["schemas"]["Point"]
     assert point["properties"]["label"]["enum"] == ["positive", "negative"]
+
+
+def test_weights_without_the_tracker_answer_501_and_the_row_says_so(r2, supabase, photos, tiny_detector_dir):
+    """The gateway's pipeline in this process, on the model service's worker loaded with a detector-only checkpoint."""
+    segmenter = Segmenter(Settings(sam3_weights_path=str(tiny_detector_dir), sam3_device="cpu", _env_file=None))
+    deadline = time.monotonic() + 120
+    while not segmenter.ready:
+        assert time.monotonic() < deadline, segmenter.status()
+        time.sleep(0.1)
+    store = R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"])
+    tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
+    limits = Limits(20_000_000, 50_000_000, 40_000, 2_500, 86_400)
+    pipeline = PredictPipeline(store, tasks, InProcessModel(segmenter), limits)
+
+    task_id, user_id = new_task_row(supabase)
+    request = VisualPredictRequest(image_url=PHOTO, user_id=user_id, task_id=task_id, points=[TAP])
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(pipeline.predict_visual(request))
+    assert (raised.value.status, raised.value.code) == (501, "visual_prompts_unavailable")
+    row = task_row(supabase, task_id)
+    assert row["status"] == "failed" and row["error_message"].startswith("visual_prompts_unavailable: ")
