@@ -214,7 +214,10 @@ class InstanceOut(BaseModel):
     label: str
     score: float
     box: list[float] = Field(description="xyxy in original-image pixels")
-    area: int = Field(description="pixels in the instance's mask; at least 1 (an empty mask is no instance)")
+    area: int = Field(
+        description="pixels in the instance's mask; at least 1 on predict (an empty mask is no instance); a visual "
+        "candidate's may be 0"
+    )
     # absent (not null) when the request says include_rle: false; the schema says so (optional, never null)
     rle: dict | SkipJsonSchema[None] = Field(
         None,

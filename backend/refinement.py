@@ -100,8 +100,8 @@ class Refinements:
             record = decode_record(task_id, data)
         except ObjectNotFound:
             raise _not_found(
-                f"no visual task {task_id} of this user_id to refine: it never ran, failed, was not a visual task, "
-                "or is another user's"
+                f"no finished visual task {task_id} of this user_id to refine: it never ran, has not finished, failed, "
+                "was not a visual task, or is another user's"
             ) from None
         except (ObjectTooLarge, ValueError) as exc:
             raise _not_found(f"the stored mask of task {task_id} cannot be read ({exc})") from None

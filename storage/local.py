@@ -31,28 +31,34 @@ class LocalStorage:
         return path
 
     def get_image(self, key: str, max_bytes: int) -> bytes:
-        return self._get(key, max_bytes, "image")
-
-    def get_object(self, key: str, max_bytes: int) -> bytes:
-        return self._get(key, max_bytes, "object")
-
-    def _get(self, key: str, max_bytes: int, what: str) -> bytes:
         path = self.path_for(key)
         try:
             with path.open("rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size > max_bytes:
-                    raise ObjectTooLarge(f"the {what} is {size} bytes; the limit is {max_bytes}")
+                    raise ObjectTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
                 return handle.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in local storage") from None
+
+    def get_object(self, key: str, max_bytes: int) -> bytes:
+        """Any object's bytes (a record the gateway wrote), refusing one over `max_bytes`."""
+        path = self.path_for(key)
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r} in local storage") from None
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
+        return data
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
         return self.put_object(key, data, "image/png")
 
     def put_object(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        """Written to a temporary file and renamed, so a reader never sees half an object. A directory keeps no
-        content type."""
+        """Written to a temporary file and renamed, so a reader never sees half an object (a directory keeps no
+        content type)."""
         path = self.path_for(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,30 +55,35 @@ class R2Storage:
         return resolve_image_key(image_url, self.bucket, self.endpoint_url, self.public_base_url)
 
     def get_image(self, key: str, max_bytes: int) -> bytes:
-        """The image's bytes, refusing (while streaming) anything over `max_bytes`."""
-        return self._get(key, max_bytes, "image")
-
-    def get_object(self, key: str, max_bytes: int) -> bytes:
-        """Any object's bytes (a record the gateway wrote), refusing anything over `max_bytes`."""
-        return self._get(key, max_bytes, "object")
-
-    def _get(self, key: str, max_bytes: int, what: str) -> bytes:
+        """The object's bytes, refusing (while streaming) anything over `max_bytes`."""
         with _translated_errors(key):
             response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
             length = response.get("ContentLength")
             body = response["Body"]
             try:
                 if length is not None and length > max_bytes:
-                    raise ObjectTooLarge(f"the {what} is {length} bytes; the limit is {max_bytes}")
+                    raise ObjectTooLarge(f"the image is {length} bytes; the limit is {max_bytes}")
                 chunks, received = [], 0
                 for chunk in body.iter_chunks(_CHUNK):
                     received += len(chunk)
                     if received > max_bytes:
-                        raise ObjectTooLarge(f"the {what} is over the {max_bytes}-byte limit")
+                        raise ObjectTooLarge(f"the image is over the {max_bytes}-byte limit")
                     chunks.append(chunk)
                 return b"".join(chunks)
             finally:
                 body.close()
+
+    def get_object(self, key: str, max_bytes: int) -> bytes:
+        """Any object's bytes (a record the gateway wrote), refusing one over `max_bytes`."""
+        with _translated_errors(key):
+            body = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))["Body"]
+            try:
+                data = body.read(max_bytes + 1)
+            finally:
+                body.close()
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
+        return data
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
         return self.put_object(key, data, "image/png")
