@@ -16,7 +16,7 @@ import torch
 from conftest import random_image
 from meta_checkpoints import CONFIG_AND_PROCESSOR, TRACKER_FIXTURE, meta_keys, write_meta_checkpoint
 from runner_asserts import assert_same_result
-from transformers import Sam3Config, Sam3Model
+from transformers import Sam3Config, Sam3Model, Sam3VideoModel
 
 from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
 from sam3_runner.clip_tokenizer import clip_tokenizer
@@ -227,11 +227,28 @@ def test_a_sam3_config_that_cannot_work_fails_the_start(tiny_model_dir, tmp_path
 
 
 def test_directory_loads_with_info(tiny_model_dir):
+    """The parameter count is the whole model's (the trunk once), and per part; no GPU memory on the CPU."""
     loaded = load_model(str(tiny_model_dir), device="cpu")
     info = loaded.info()
     assert info["weights_kind"] == "directory" and info["random_weights"] is False
-    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters()) > 0
+    video = Sam3VideoModel.from_pretrained(str(tiny_model_dir))
+    assert info["parameters"] == sum(p.numel() for p in video.parameters()) > 0
+    parts = info["parameter_counts"]
+    assert sum(parts.values()) == info["parameters"]
+    assert parts["trunk"] == sum(p.numel() for p in video.detector_model.vision_encoder.backbone.parameters())
+    tracker = [*video.tracker_model.parameters(), *video.tracker_neck.parameters()]
+    assert parts["tracker"] == sum(p.numel() for p in tracker)
+    assert parts["text"] > 0 and parts["detector_heads"] > 0
+    assert info["visual_prompts"] is True and "gpu_memory_gb" not in info
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+def test_a_detector_only_directory_loads_without_visual_prompts(tiny_detector_dir):
+    loaded = load_model(str(tiny_detector_dir), device="cpu")
+    info = loaded.info()
+    assert info["visual_prompts"] is False and loaded.tracker is None
+    assert info["parameter_counts"]["tracker"] == 0
+    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters())
 
 
 def test_demo_is_labelled_random(caplog):
