@@ -13,13 +13,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import random_image
+from conftest import WEIGHTS_FILE, random_image
 from meta_checkpoints import CONFIG_AND_PROCESSOR, TRACKER_FIXTURE, meta_keys, write_meta_checkpoint
 from runner_asserts import assert_same_result
+from safetensors.torch import load_file
 from transformers import Sam3Config, Sam3Model, Sam3VideoModel
 
 from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
 from sam3_runner.clip_tokenizer import clip_tokenizer
+from sam3_runner.demo import build_demo_video_model
 from sam3_runner.loading import check_weights_reference, meta_checkpoint_config, meta_checkpoint_processor
 from sam3_runner.meta_checkpoint import convert_shape, convert_state_dict, image_model_state_dict, plan_key
 
@@ -309,3 +311,20 @@ def test_hub_repo_loads_offline_from_a_filled_cache(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["hub", "facebook/sam3", "False"]
+
+
+def test_the_tracker_loads_from_the_hubs_layout_and_from_save_pretrained(tiny_model_dir, tmp_path):
+    """The hub holds the tracker as `tracker_model.*`; transformers 5.17's save_pretrained writes
+    `tracker_model.tracker_model.*`. Both directories load the same weights, the ones the demo builds."""
+    model, processor = build_demo_video_model()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert any(key.startswith("tracker_model.tracker_model.") for key in load_file(tmp_path / "model.safetensors"))
+    assert not any(key.startswith("tracker_model.tracker_model.") for key in load_file(tiny_model_dir / WEIGHTS_FILE))
+    built = model.state_dict()
+    for directory in (tiny_model_dir, tmp_path):
+        loaded = load_model(str(directory), device="cpu")
+        parts = {"detector_model": loaded.model, "tracker_model": loaded.tracker, "tracker_neck": loaded.tracker_neck}
+        for prefix, part in parts.items():
+            for key, tensor in part.state_dict().items():
+                assert torch.equal(tensor, built[f"{prefix}.{key}"]), (directory, prefix, key)
