@@ -41,6 +41,9 @@ DEMO_NO_MEMORY_EMBEDDING_STD = 0.5
 # Random weights predict an IoU of ~0.5 for every candidate, so their order would hang on float noise; these output
 # biases (single-mask token, then the 3 candidates) rank the candidates clearly, and not in their token order.
 DEMO_IOU_LOGITS = (0.5, 1.5, -0.5, 1.0)
+# Drawn at transformers' default std (0.02), the tiny tracker's mask logits are ~1e-5: every mask is noise around the
+# cut, and a mask prompt or the no-memory embedding moves nothing visible. At 0.3 they are ~1, as trained SAM's are.
+DEMO_TRACKER_INIT_STD = 0.3
 _HIDDEN = 32
 
 
@@ -98,6 +101,7 @@ def demo_video_config() -> Sam3VideoConfig:
             hidden_size=_HIDDEN, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=_HIDDEN
         ),
         image_size=DEMO_IMAGE_SIZE,
+        initializer_range=DEMO_TRACKER_INIT_STD,
         memory_attention_hidden_size=_HIDDEN,
         memory_attention_num_layers=1,
         memory_attention_feed_forward_hidden_size=64,

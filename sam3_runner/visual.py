@@ -163,7 +163,9 @@ class VisualSegmenter:
         if visuals[0].box is not None:
             boxes = torch.stack(
                 [
-                    self._scaled(torch.tensor([[v.box.x1, v.box.y1], [v.box.x2, v.box.y2]]), size).reshape(1, 4)
+                    self._scaled(
+                        torch.tensor([[v.box.x1, v.box.y1], [v.box.x2, v.box.y2]], dtype=torch.float32), size
+                    ).reshape(1, 4)
                     for v, size in zip(visuals, sizes, strict=True)
                 ]
             )
