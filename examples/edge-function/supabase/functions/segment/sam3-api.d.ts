@@ -238,7 +238,7 @@ export interface components {
             box: number[];
             /**
              * Area
-             * @description pixels in the instance's mask; at least 1 (an empty mask is no instance)
+             * @description pixels in the instance's mask; at least 1 on predict (an empty mask is no instance); a visual candidate's may be 0
              */
             area: number;
             /**
