@@ -42,6 +42,8 @@ class PromptKind(Protocol):
 
 
 class ConceptPrompts:
+    """Predict's one prompt or batch's many, on one image: nothing fetched beside it, nothing kept after."""
+
     def __init__(self, prompts: list[Prompt], labels: list[str], keys: list[str], max_instances: int) -> None:
         self.prompts = prompts
         self.labels = labels
