@@ -29,10 +29,11 @@ from backend.api_models import (
     BatchPredictResponse,
     ErrorResponse,
     JobAccepted,
-    PredictOptions,
     PredictRequest,
     PredictResponse,
+    TaskOptions,
     TaskStatus,
+    VisualPredictRequest,
 )
 from backend.auth import API_KEY_SCHEME, DOCS_ASSETS_PREFIX, ApiKeyMiddleware
 from backend.disconnect import until_disconnected
@@ -59,6 +60,10 @@ PREDICT_RESPONSES = {
         "description": "queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full",
         "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
     },
+}
+VISUAL_RESPONSES = {
+    **PREDICT_RESPONSES,
+    501: {"model": ErrorResponse, "description": "visual_prompts_unavailable: the loaded weights have no tracker"},
 }
 KEYED = [Security(API_KEY_SCHEME)]  # documents X-API-Key on an operation (ApiKeyMiddleware enforces it)
 # FastAPIOffline: Swagger UI from the installed fastapi-offline package's files, no CDN (works offline).
@@ -168,6 +173,7 @@ class Gateway:
                 settings.max_image_pixels,
                 settings.max_request_megapixels,
                 settings.heavy_request_megapixels,
+                settings.task_retention_s,
             ),
         )
         self.jobs, self.runner = build_jobs(settings, self.pipeline, ready=self._model_ready)
@@ -210,7 +216,20 @@ class Gateway:
             return await self._submit("predict_batch", body)
         return await until_disconnected(request, self.pipeline.predict_batch(body))
 
-    async def _submit(self, kind: str, body: PredictOptions) -> JSONResponse:
+    @api.post(
+        "/api/v1/predict/visual",
+        response_model=PredictResponse,
+        response_model_exclude_unset=True,
+        responses=VISUAL_RESPONSES,
+        dependencies=KEYED,
+    )
+    async def predict_visual(self, body: VisualPredictRequest, request: Request):
+        """One object: tap it (points), box it, or refine an earlier visual task (docs: concept or visual prompt)."""
+        if body.run_async:
+            return await self._submit("predict_visual", body)
+        return await until_disconnected(request, self.pipeline.predict_visual(body))
+
+    async def _submit(self, kind: str, body: TaskOptions) -> JSONResponse:
         job = await self.jobs.submit(kind, body)
         return JSONResponse(accepted_body(job), status_code=202)
 

@@ -7,12 +7,13 @@ import unicodedata
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 MAX_PROMPT_CHARS = 256
 MAX_BATCH_PROMPTS = 32
 MAX_BOXES = 16
+MAX_POINTS = 16
 MAX_INSTANCES = 200
 MAX_IMAGE_URL_CHARS = 2048
 MAX_CALLBACK_URL_CHARS = 2048
@@ -51,18 +52,17 @@ class Box(BaseModel):
         return self
 
 
-class PredictOptions(BaseModel):
+class TaskOptions(BaseModel):
+    """What every task request has: the image, the ids, how masks are rendered and returned, and async."""
+
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL")
     user_id: str = Field(pattern=USER_ID_PATTERN)
     task_id: str = Field(description="The segmentation_results row id", json_schema_extra={"format": "uuid"})
-    boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
     # strict: `true`, "0.3" or "5" are not numbers and "false" is not a boolean; coercing them would answer another
     # request than the one sent (`"threshold": true` became 1.0: no instance), so they are 422 invalid_option
-    threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
     mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
-    max_instances: int = Field(100, ge=1, le=MAX_INSTANCES, strict=True)
     include_rle: bool = Field(True, strict=True)
     run_async: bool = Field(
         False, alias="async", strict=True, description="Answer 202 at once and run in the background (docs: Async jobs)"
@@ -77,16 +77,29 @@ class PredictOptions(BaseModel):
     @field_validator("task_id")
     @classmethod
     def _task_id_is_uuid(cls, value: str) -> str:
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            raise ValueError("task_id must be a UUID") from None
+        return _uuid(value, "task_id")
 
     @model_validator(mode="after")
-    def _callback_needs_async(self) -> PredictOptions:
+    def _callback_needs_async(self) -> TaskOptions:
         if self.callback_url is not None and not self.run_async:
             raise ValueError('callback_url is only used with "async": true')
         return self
+
+
+class PredictOptions(TaskOptions):
+    """Concept prompts (predict, batch): exemplar boxes and how instances are kept."""
+
+    boxes: list[Box] = Field(default_factory=list, max_length=MAX_BOXES)
+    threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
+    max_instances: int = Field(100, ge=1, le=MAX_INSTANCES, strict=True)
+
+
+def _uuid(value: str, field: str) -> str:
+    """The UUID in its canonical form (lower case, hyphenated); ValueError naming `field` if it is none."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(f"{field} must be a UUID") from None
 
 
 def _clean_prompt(value: str) -> str:
@@ -132,11 +145,79 @@ class BatchPredictRequest(PredictOptions):
         return cleaned
 
 
+class Point(BaseModel):
+    """A tap on the object to segment, in pixels of the image as displayed (EXIF orientation applied), like boxes:
+    `positive` means "this is the object", `negative` "this is not part of it"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False, strict=True)
+    y: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False, strict=True)
+    label: Literal["positive", "negative"] = "positive"
+
+
+class ObjectBox(BaseModel):
+    """A box around the one object to segment (xyxy, pixels of the image as displayed). Not an exemplar: it says
+    "this thing", not "things like this" (that is `boxes` on predict)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x1: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False, strict=True)
+    y1: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False, strict=True)
+    x2: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False, strict=True)
+    y2: float = Field(ge=0, le=MAX_BOX_COORDINATE, allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="after")
+    def _has_area(self) -> ObjectBox:
+        if self.x2 <= self.x1 or self.y2 <= self.y1:
+            raise ValueError("a box needs x2 > x1 and y2 > y1")
+        return self
+
+
+class VisualPredictRequest(TaskOptions):
+    """One object, pointed at (SAM 3's visual prompts): points, a box, an earlier visual task's mask, or several."""
+
+    points: list[Point] = Field(default_factory=list, max_length=MAX_POINTS)
+    box: ObjectBox | None = None
+    refine_task_id: str | None = Field(
+        None,
+        description="An earlier visual task on the same image (same user_id): its best mask is the starting point",
+        json_schema_extra={"format": "uuid"},
+    )
+    # None (absent) until resolved below, so the schema shows a plain optional boolean
+    multimask: StrictBool | SkipJsonSchema[None] = Field(
+        None,
+        description="3 candidate masks instead of 1; default: true for a single point and nothing else",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
+
+    @field_validator("refine_task_id")
+    @classmethod
+    def _refine_task_id_is_an_earlier_uuid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        value = _uuid(value, "refine_task_id")
+        if value == info.data.get("task_id"):
+            raise ValueError("refine_task_id must name an earlier task, not this one")
+        return value
+
+    @model_validator(mode="after")
+    def _has_a_prompt(self) -> VisualPredictRequest:
+        if not self.points and self.box is None and self.refine_task_id is None:
+            raise ValueError("send points, a box or a refine_task_id: a visual prompt needs at least one")
+        if self.multimask is None:  # one point alone is ambiguous (a shirt or the person?): SAM answers 3 masks
+            self.multimask = len(self.points) == 1 and self.box is None and self.refine_task_id is None
+        return self
+
+
 class InstanceOut(BaseModel):
     label: str
     score: float
     box: list[float] = Field(description="xyxy in original-image pixels")
-    area: int = Field(description="pixels in the instance's mask; at least 1 (an empty mask is no instance)")
+    area: int = Field(
+        description="pixels in the instance's mask; at least 1 on predict (an empty mask is no instance); a visual "
+        "candidate's may be 0"
+    )
     # absent (not null) when the request says include_rle: false; the schema says so (optional, never null)
     rle: dict | SkipJsonSchema[None] = Field(
         None,

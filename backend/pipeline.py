@@ -1,5 +1,6 @@
 """One predict request, top to bottom: row -> processing (the image downloading meanwhile), model, upload,
-row -> completed.
+row -> completed. Concept prompts (predict, batch) and visual prompts (predict/visual) take the same path; what
+differs between them is in backend/prompt_kinds.py.
 
 Any failure marks the row failed with a readable message and becomes the contract's HTTP error; a row never
 stays `processing` after its request has ended, cancellation included. Keys depend only on user and task,
@@ -14,11 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest
-from backend.cost import estimate, refuse_if_too_heavy
+from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest, TaskOptions, VisualPredictRequest
+from backend.cost import refuse_if_too_heavy
 from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, to_api_error
 from backend.masks import mask_png
-from backend.protocol import box_prompts, make_item, union_of, unpack_mask
+from backend.prompt_kinds import ConceptPrompts, ObjectPrompt, PromptKind
+from backend.protocol import box_prompts, union_of, unpack_mask
+from backend.refinement import Refinements
 from sam3_runner import BOX_ONLY_TEXT, Prompt
 from storage import ObjectStore
 from tasks import TaskResult, TaskStore
@@ -42,6 +45,7 @@ class Limits:
     max_image_pixels: int
     max_request_megapixels: float  # backend/cost.py
     heavy_request_megapixels: float  # above it, the model service's sliced API
+    refine_retention_s: float  # TASK_RETENTION_S: how long a visual task's mask may be refined (refinement.py)
 
 
 class PredictPipeline:
@@ -50,6 +54,7 @@ class PredictPipeline:
         self.tasks = tasks
         self.model = model
         self.limits = limits
+        self.refinements = Refinements(store, limits.refine_retention_s)
 
     async def predict(self, request: PredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: the caller runs the task again when the model is down (503 model_loading /
@@ -57,14 +62,16 @@ class PredictPipeline:
         prompt = self._prompt(request, request.text_prompt)
         label = request.text_prompt or BOX_ONLY_TEXT
         keys = [mask_key(request.user_id, request.task_id)]
-        body, _ = await self._run(request, [prompt], [label], keys, retries_model_down)
+        kind = ConceptPrompts([prompt], [label], keys, request.max_instances)
+        body, _ = await self._run(request, kind, retries_model_down)
         return body[0]
 
     async def predict_batch(self, request: BatchPredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: as for `predict`."""
         prompts = [self._prompt(request, text) for text in request.prompts]
         keys = [mask_key(request.user_id, request.task_id, index) for index in range(len(prompts))]
-        results, combined = await self._run(request, prompts, request.prompts, keys, retries_model_down)
+        kind = ConceptPrompts(prompts, request.prompts, keys, request.max_instances)
+        results, combined = await self._run(request, kind, retries_model_down)
         return {
             "task_id": request.task_id,
             "mask_url": combined["mask_url"],
@@ -73,6 +80,13 @@ class PredictPipeline:
             "total_inference_time_ms": combined["inference_time_ms"],
             "timings": combined["timings"],
         }
+
+    async def predict_visual(self, request: VisualPredictRequest, retries_model_down: bool = False) -> dict:
+        """One object (points, a box, a refined task): the candidates as instances, best first; the best one's mask
+        at mask_url. retries_model_down: as for `predict`."""
+        kind = ObjectPrompt(request, mask_key(request.user_id, request.task_id), self.refinements)
+        body, _ = await self._run(request, kind, retries_model_down)
+        return body[0]
 
     @staticmethod
     def _prompt(request: PredictOptions, text: str | None) -> Prompt:
@@ -85,22 +99,15 @@ class PredictPipeline:
             include_rle=request.include_rle,
         )
 
-    async def _run(
-        self,
-        request: PredictOptions,
-        prompts: list[Prompt],
-        labels: list[str],
-        keys: list[str],
-        retries_model_down: bool,
-    ):
-        """Returns (one response body per prompt, a summary of the whole task).
+    async def _run(self, request: TaskOptions, kind: PromptKind, retries_model_down: bool):
+        """Returns (one response body per result, a summary of the whole task).
 
         The image download does not depend on the row, so it starts with the row's `processing` update: the two
         round trips (Supabase, R2) overlap instead of adding up. Its outcome is only looked at once the row says
         processing; if the row cannot be marked, the download is dropped and that error is the answer.
         """
         started = time.perf_counter()
-        download = asyncio.ensure_future(self._download(request.image_url))
+        download = asyncio.ensure_future(self._inputs(request.image_url, kind))
         try:
             await self._guard(self.tasks.mark_processing(request.task_id))
         except asyncio.CancelledError as cancelled:  # the update may have landed: the row must not stay processing
@@ -115,7 +122,7 @@ class PredictPipeline:
             raise
         try:
             image, download_ms = await download
-            bodies, summary = await self._process(request, image, download_ms, prompts, labels, keys, started)
+            bodies, summary = await self._process(request, kind, image, download_ms, started)
             await self._guard(self.tasks.mark_completed(request.task_id, summary["task_result"]))
             return bodies, summary
         except ApiError as error:
@@ -130,28 +137,41 @@ class PredictPipeline:
             await self._record_failure(request.task_id, "internal_error: the server failed while processing")
             raise ApiError(500, "internal_error", "the server failed while processing this request") from None
 
+    async def _inputs(self, image_url: str, kind: PromptKind) -> tuple[bytes, float]:
+        """The image and the download's ms, with what the prompt kind needs besides it fetched meanwhile; when both
+        fail, the image's error is the answer."""
+        extra = asyncio.ensure_future(self._guard(kind.fetch()))
+        try:
+            downloaded = await self._download(image_url)
+        except BaseException:
+            _drop(extra)
+            raise
+        await extra
+        return downloaded
+
     async def _download(self, image_url: str) -> tuple[bytes, float]:
         clock = time.perf_counter()
         key = await self._guard(asyncio.to_thread(self.store.resolve_image_key, image_url))
         image = await self._guard(asyncio.to_thread(self.store.get_image, key, self.limits.max_image_bytes))
         return image, _ms_since(clock)
 
-    async def _process(self, request, image, download_ms, prompts, labels, keys, started):
+    async def _process(self, request: TaskOptions, kind: PromptKind, image: bytes, download_ms: float, started):
         timings: dict[str, float] = {"download": download_ms}
-        cost = estimate(image, len(prompts), request.max_instances)
+        cost = kind.cost(image)
         refuse_if_too_heavy(cost, self.limits.max_request_megapixels)
         sliced = cost is not None and cost.megapixels > self.limits.heavy_request_megapixels
+        item = await kind.item(image, self.limits.max_image_pixels)
         clock = time.perf_counter()
-        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels), sliced)
+        outcome = await self._call_model(item, sliced)
         timings["model"] = _ms_since(clock)
 
         clock = time.perf_counter()
-        results = outcome["results"]
+        results, labels, keys = outcome["results"], kind.labels, kind.keys
         combined_key = mask_key(request.user_id, request.task_id)
         uploads = [self._upload(key, result) for key, result in zip(keys, results, strict=True)]
         if combined_key not in keys:
             uploads.append(self._upload(combined_key, union_of(results)))
-        stored = await asyncio.gather(*uploads)
+        stored, _ = await asyncio.gather(asyncio.gather(*uploads), self._guard(kind.keep(outcome)))
         urls = {item.key: item.url for item in stored}
         timings["upload"] = _ms_since(clock)
 

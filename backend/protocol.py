@@ -2,6 +2,11 @@
 
 The image travels encoded (a JPEG is ~20x smaller than its pixels; bench/transport.py measures it) and is
 decoded in the model service; union masks travel bit-packed (8x smaller than bool).
+
+A visual-prompt item (make_visual_item) has no concept prompts and a "visual" entry; its answer has one result (the
+candidates, best first; mask_bits = the best one) and "mask_logits", the best candidate's low-resolution logits, in
+the form a later item's "mask_input" takes (refinement: the gateway keeps them and sends them back as they came).
+Logits travel as float16 (half the bytes; float16 holds the [-32, 32] range to ~0.016).
 """
 
 from __future__ import annotations
@@ -10,11 +15,60 @@ from dataclasses import asdict
 
 import numpy as np
 
-from sam3_runner import BoxPrompt, Prompt, PromptResult
+from sam3_runner import BoxPrompt, PointPrompt, Prompt, PromptResult, VisualPrompt
+
+LOGITS_DTYPE = "float16"
+_LOGITS_BYTES = np.dtype("<f2")  # float16, little-endian on every machine
 
 
 def make_item(image: bytes, prompts: list[Prompt], max_pixels: int) -> dict:
     return {"image": image, "prompts": [asdict(prompt) for prompt in prompts], "max_pixels": max_pixels}
+
+
+def make_visual_item(image: bytes, visual: VisualPrompt, max_pixels: int) -> dict:
+    """An item with one visual prompt: {"image", "max_pixels", "prompts": [], "visual": {"points": [{"x", "y",
+    "positive"}], "box": {"x1", "y1", "x2", "y2", "positive"} | None, "mask_input": packed logits | None, "multimask",
+    "mask_threshold", "include_rle"}} (packed logits: see pack_logits)."""
+    return {
+        "image": image,
+        "max_pixels": max_pixels,
+        "prompts": [],
+        "visual": {
+            "points": [asdict(point) for point in visual.points],
+            "box": None if visual.box is None else asdict(visual.box),
+            "mask_input": None if visual.mask_input is None else pack_logits(visual.mask_input),
+            "multimask": visual.multimask,
+            "mask_threshold": visual.mask_threshold,
+            "include_rle": visual.include_rle,
+        },
+    }
+
+
+def item_visual(item: dict) -> VisualPrompt | None:
+    """The item's visual prompt, None for a concept item."""
+    fields = item.get("visual")
+    if fields is None:
+        return None
+    return VisualPrompt(
+        points=tuple(PointPrompt(**point) for point in fields["points"]),
+        box=None if fields["box"] is None else BoxPrompt(**fields["box"]),
+        mask_input=None if fields["mask_input"] is None else unpack_logits(fields["mask_input"]),
+        multimask=fields["multimask"],
+        mask_threshold=fields["mask_threshold"],
+        include_rle=fields["include_rle"],
+    )
+
+
+def pack_logits(logits: np.ndarray) -> dict:
+    """[h, w] logits -> {"shape": [h, w], "dtype": "float16", "data": bytes (little-endian, row-major)}."""
+    return {"shape": list(logits.shape), "dtype": LOGITS_DTYPE, "data": logits.astype(_LOGITS_BYTES).tobytes()}
+
+
+def unpack_logits(packed: dict) -> np.ndarray:
+    """pack_logits' dict -> float32 [h, w]. Raises ValueError for another dtype or a size that does not match."""
+    if packed["dtype"] != LOGITS_DTYPE:
+        raise ValueError(f"mask logits must be {LOGITS_DTYPE}, not {packed['dtype']!r}")
+    return np.frombuffer(packed["data"], dtype=_LOGITS_BYTES).reshape(packed["shape"]).astype(np.float32)
 
 
 def addressed(item: dict, request_id: str, deadline: float) -> dict:
@@ -30,7 +84,8 @@ def item_prompts(item: dict) -> list[Prompt]:
 
 
 def success(results: list[PromptResult], decode_ms: float) -> dict:
-    return {
+    """The answer of an item: one result per concept prompt, or a visual prompt's one result plus "mask_logits"."""
+    answer = {
         "ok": True,
         "results": [
             {
@@ -44,6 +99,9 @@ def success(results: list[PromptResult], decode_ms: float) -> dict:
             for result in results
         ],
     }
+    if len(results) == 1 and results[0].mask_logits is not None:
+        answer["mask_logits"] = pack_logits(results[0].mask_logits)
+    return answer
 
 
 def failure(code: str, message: str) -> dict:

@@ -12,16 +12,18 @@ from functools import partial
 import torch
 
 from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, abandoned
-from backend.protocol import failure, item_prompts, success
+from backend.protocol import failure, item_prompts, item_visual, success
 from backend.settings import Settings
 from sam3_runner import (
     Abandoned,
+    BoxPrompt,
     DecodedImage,
     ImageDecodeError,
     ImageTooLarge,
     Job,
     Prompt,
     Sam3Engine,
+    VisualPrompt,
     WeightsError,
     decode_image,
     decode_threads,
@@ -36,6 +38,11 @@ log = logging.getLogger(__name__)
 MAX_BOX_OVERHANG = 10
 
 CLOCK_MARGIN_S = 10  # a cancel is remembered this much past MODEL_TIMEOUT_S, for clocks a little apart
+
+VISUAL_PROMPTS_UNAVAILABLE = (
+    "the loaded weights are SAM 3's detector alone (no tracker), which answers concept prompts only; visual prompts "
+    "need weights with the tracker: facebook/sam3 or a directory saved from Sam3VideoModel (config `sam3_video`)"
+)
 
 
 class Segmenter:
@@ -129,9 +136,16 @@ class Segmenter:
         return failure("model_loading", "the model is still loading; retry shortly")
 
     def _preparing(self, engine: Sam3Engine):
-        """item -> (job, decode ms, failure): decoded where SAM3_JPEG_DECODE says; nothing for an abandoned item."""
+        """item -> (job, decode ms, failure): decoded where SAM3_JPEG_DECODE says; nothing for an abandoned item,
+        nor for a visual one when the weights hold no tracker."""
         device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
-        return partial(_prepare, device=device, stop=self._stop_if_abandoned, cancelled=self._cancelled)
+        return partial(
+            _prepare,
+            device=device,
+            stop=self._stop_if_abandoned,
+            cancelled=self._cancelled,
+            visual_prompts=engine.loaded.visual_prompts,
+        )
 
     def _outcome(self, result, decode_ms: float) -> dict:
         if isinstance(result, dict):
@@ -203,17 +217,22 @@ def worker_device(requested: str, worker_index: int) -> str:
     return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
 
 
-def _prepare(item: dict, device: torch.device, stop, cancelled) -> tuple[Job | None, float, dict | None]:
+def _prepare(
+    item: dict, device: torch.device, stop, cancelled, visual_prompts: bool
+) -> tuple[Job | None, float, dict | None]:
     """One item's job and decode time, or its failure: whatever goes wrong here is this item's failure alone.
     `stop(item)`: the failure of an item abandoned before its decoding, else None."""
     if stopped := stop(item):
         return None, 0.0, stopped
+    if item.get("visual") is not None and not visual_prompts:
+        return None, 0.0, failure("visual_prompts_unavailable", VISUAL_PROMPTS_UNAVAILABLE)
     started = time.perf_counter()
     try:
         image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)
         decode_ms = (time.perf_counter() - started) * 1000
         prompts = item_prompts(item)
-        error = _box_error(prompts, image)
+        visual = item_visual(item)
+        error = _box_error(prompts, image) if visual is None else _visual_error(visual, image)
     except ImageTooLarge as exc:
         return None, 0.0, failure("image_too_large", str(exc))
     except ImageDecodeError as exc:
@@ -223,7 +242,7 @@ def _prepare(item: dict, device: torch.device, stop, cancelled) -> tuple[Job | N
         return None, 0.0, failure("internal_error", f"the request could not be prepared ({type(exc).__name__})")
     if error:
         return None, 0.0, error
-    return Job(image.pixels, prompts, abandoned=partial(abandoned, item, cancelled)), decode_ms, None
+    return Job(image.pixels, prompts, abandoned=partial(abandoned, item, cancelled), visual=visual), decode_ms, None
 
 
 def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:
@@ -235,12 +254,31 @@ def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:
     pooling call took 0.15 s at 10x the image, 6.4 s at 60x)."""
     for prompt in prompts:
         for index, box in enumerate(prompt.boxes):
-            if box.x1 >= image.width or box.y1 >= image.height:
-                return failure("invalid_box", f"box {index} does not overlap the {image.width}x{image.height} image")
-            if box.x2 > MAX_BOX_OVERHANG * image.width or box.y2 > MAX_BOX_OVERHANG * image.height:
-                return failure(
-                    "invalid_box",
-                    f"box {index} runs too far past the {image.width}x{image.height} image "
-                    f"(x2 <= {MAX_BOX_OVERHANG * image.width}, y2 <= {MAX_BOX_OVERHANG * image.height})",
-                )
+            if error := _one_box_error(index, box, image):
+                return error
     return None
+
+
+def _one_box_error(index: int, box: BoxPrompt, image: DecodedImage) -> dict | None:
+    if box.x1 >= image.width or box.y1 >= image.height:
+        return failure("invalid_box", f"box {index} does not overlap the {image.width}x{image.height} image")
+    if box.x2 > MAX_BOX_OVERHANG * image.width or box.y2 > MAX_BOX_OVERHANG * image.height:
+        return failure(
+            "invalid_box",
+            f"box {index} runs too far past the {image.width}x{image.height} image "
+            f"(x2 <= {MAX_BOX_OVERHANG * image.width}, y2 <= {MAX_BOX_OVERHANG * image.height})",
+        )
+    return None
+
+
+def _visual_error(visual: VisualPrompt, image: DecodedImage) -> dict | None:
+    """Points must lie on the image (display orientation, like boxes): 0 <= x < width, 0 <= y < height, pixels;
+    the box is checked as a concept prompt's boxes are (_box_error)."""
+    for index, point in enumerate(visual.points):
+        if not (0 <= point.x < image.width and 0 <= point.y < image.height):
+            return failure(
+                "invalid_point",
+                f"point {index} ({point.x:g}, {point.y:g}) is outside the {image.width}x{image.height} image "
+                f"(0 <= x < {image.width}, 0 <= y < {image.height})",
+            )
+    return None if visual.box is None else _one_box_error(0, visual.box, image)

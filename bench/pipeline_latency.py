@@ -130,7 +130,7 @@ def main() -> None:
             time.sleep(0.1)
 
         pipeline = PredictPipeline(
-            store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500)
+            store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500, 86_400)
         )
         results = asyncio.run(measure(pipeline, supabase, args.requests))
     machine = f"{platform.machine()} {len(os.sched_getaffinity(0))} cores"

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backend.api_models import BatchPredictRequest, PredictRequest
+from backend.api_models import BatchPredictRequest, PredictRequest, VisualPredictRequest
 from backend.errors import MODEL_DOWN, ApiError, RowNotMarked
 from backend.pipeline import PredictPipeline
 from jobs.status import status_body
@@ -46,6 +46,7 @@ RETENTION_EVERY_S = 60.0
 _KINDS: dict[str, tuple[type, Callable[[PredictPipeline, Any, bool], Awaitable[dict]]]] = {
     "predict": (PredictRequest, PredictPipeline.predict),
     "predict_batch": (BatchPredictRequest, PredictPipeline.predict_batch),
+    "predict_visual": (VisualPredictRequest, PredictPipeline.predict_visual),
 }
 
 

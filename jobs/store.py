@@ -75,7 +75,7 @@ T = TypeVar("T")
 class Job:
     task_id: str
     submission: str  # unique per submission: compare-and-set key, and the webhook's message id
-    kind: str  # "predict" | "predict_batch"
+    kind: str  # "predict" | "predict_batch" | "predict_visual"
     request: str  # the validated request, JSON
     callback_url: str | None
     status: str

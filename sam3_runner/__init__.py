@@ -1,4 +1,4 @@
-"""SAM 3 inference core: weight loading, batched concept segmentation, post-processing.
+"""SAM 3 inference core: weight loading, batched concept and visual-prompt segmentation, post-processing.
 
 Knows nothing about HTTP, object storage or task rows.
 """
@@ -13,7 +13,18 @@ from sam3_runner.images import (
     header_size,
 )
 from sam3_runner.loading import LoadedModel, WeightsError, load_model
-from sam3_runner.types import BOX_ONLY_TEXT, Abandoned, BoxPrompt, Instance, Job, Prompt, PromptResult
+from sam3_runner.types import (
+    BOX_ONLY_TEXT,
+    Abandoned,
+    BoxPrompt,
+    Instance,
+    Job,
+    PointPrompt,
+    Prompt,
+    PromptResult,
+    VisualPrompt,
+)
+from sam3_runner.visual import VisualPromptsUnavailable
 
 __all__ = [
     "BOX_ONLY_TEXT",
@@ -25,9 +36,12 @@ __all__ = [
     "Instance",
     "Job",
     "LoadedModel",
+    "PointPrompt",
     "Prompt",
     "PromptResult",
     "Sam3Engine",
+    "VisualPrompt",
+    "VisualPromptsUnavailable",
     "WeightsError",
     "decode_image",
     "decode_threads",

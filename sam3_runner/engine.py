@@ -1,7 +1,9 @@
-"""Batched concept segmentation: many jobs (images x prompts) from many requests in one pass.
+"""Batched segmentation: many jobs (images x prompts) from many requests in one pass.
 
 One vision forward for all distinct images, one text forward for the prompts not yet cached, and one
-detector/mask-head call for every (image, prompt) pair, with the image features indexed per pair.
+detector/mask-head call for every (image, prompt) pair, with the image features indexed per pair. Visual-prompt
+jobs (points / a box / a previous mask) in the same batch share the vision pass: the tracker reads its trunk output
+(sam3_runner/visual.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from sam3_runner.loading import LoadedModel
 from sam3_runner.postprocess import KeptQueries, MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
-from sam3_runner.types import Abandoned, Job, Prompt, PromptResult
+from sam3_runner.types import Abandoned, Job, PointPrompt, Prompt, PromptResult, VisualPrompt
+from sam3_runner.visual import VisualPromptsUnavailable, VisualSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,12 @@ class Sam3Engine:
         self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="sam3-device")
         self._vision: Callable = self.model.vision_encoder
         self._graphed_heads: Callable | None = None
+        input_size = self.processor.image_processor.size["height"]
+        self.visual = (
+            VisualSegmenter(loaded.tracker, loaded.tracker_neck, input_size, self.device)
+            if loaded.visual_prompts
+            else None
+        )
         self._pair_buckets = pair_buckets(max_pairs_per_forward)
         self.acceleration: dict = {"compile": "off", "warm_up_s": 0.0}
         self._serving = False  # while warming up, a compiled path's failure fails the compilation as a whole
@@ -71,16 +80,22 @@ class Sam3Engine:
 
     def run(self, jobs: Sequence[Job]) -> list[list[PromptResult] | Abandoned]:
         """Segment every prompt of every job; results come back per job, per prompt, in order (Abandoned for a job
-        whose `abandoned` said so at a stage boundary)."""
+        whose `abandoned` said so at a stage boundary). A job with a visual prompt gets one result: its candidates.
+        Raises VisualPromptsUnavailable for a visual job when the weights hold no tracker."""
         if not jobs:
             return []
+        if self.visual is None and any(job.visual is not None for job in jobs):
+            raise VisualPromptsUnavailable("the loaded weights hold no tracker: visual prompts cannot be answered")
         return self._on_device_thread(self._run, jobs)
 
     def run_sliced(self, job: Job) -> list[PromptResult] | Abandoned:
         """One (heavy) job as separate units of device work, so batches queued meanwhile run in between and wait at
         most one unit: the first unit preprocesses, runs the vision pass, the text encoder, the heads and the query
         selection; then each post-processing slice (pixels_per_slice) is a unit of its own. `job.abandoned` is
-        asked before every unit (and between head chunks). Same results as run([job])."""
+        asked before every unit (and between head chunks). Same results as run([job]). A visual job (at most 3
+        masks) is one unit: run([job])."""
+        if job.visual is not None:
+            return self.run([job])[0]
         gate = _Gate([job])
         selected = self._on_device_thread(self._select_for_slices, job, gate) if gate.wanted(0) else None
         while selected is not None and not selected.renderer.done and gate.wanted(0):
@@ -117,6 +132,8 @@ class Sam3Engine:
         started = time.perf_counter()
         pool_boxes_in_one_call(self.model)
         pin_decoder_grid(self.model, learn_decoder_grid(self.model, lambda: self._run(_warm_up_jobs(1, 1))))
+        if self.visual is not None:  # a tracker that cannot run fails the start, not the first visual request
+            self._run([Job(WARM_UP_IMAGE, [], visual=VisualPrompt(points=(PointPrompt(32, 32),)))])
         if options.vision or options.heads:
             try:
                 self._compile(options)
@@ -164,11 +181,12 @@ class Sam3Engine:
         clock.lap("vision")
 
         pairs = [(job_index, prompt) for job_index, job in enumerate(jobs) for prompt in job.prompts]
-        text_features, text_mask = self.text_cache.lookup([prompt.model_text for _, prompt in pairs])
-        clock.lap("text")
+        if pairs:
+            text_features, text_mask = self.text_cache.lookup([prompt.model_text for _, prompt in pairs])
+            clock.lap("text")
 
         flat_results: list[PromptResult | None] = [None] * len(pairs)
-        for group in self._head_groups(pairs):
+        for group in self._head_groups(pairs) if pairs else []:
             for start in range(0, len(group), self.max_pairs_per_forward):
                 members = [
                     index for index in group[start : start + self.max_pairs_per_forward] if wanted(pairs[index][0])
@@ -182,15 +200,31 @@ class Sam3Engine:
                 for index, result in zip(members, self._postprocess(jobs, chunk, outputs, wanted), strict=True):
                     flat_results[index] = result
                 clock.lap("postprocess")
+        visual = self._visual_results(jobs, vision, wanted, clock)
 
         timings = clock.totals()
         timings["total"] = round(sum(timings.values()), 3)
         results: list[list[PromptResult]] = [[] for _ in jobs]
-        for (job_index, _), result in zip(pairs, flat_results, strict=True):
+        concept = [(job_index, result) for (job_index, _), result in zip(pairs, flat_results, strict=True)]
+        for job_index, result in concept + visual:
             if result is not None:  # None: its job was abandoned
                 result.timings_ms = dict(timings)
                 results[job_index].append(result)
         return results
+
+    def _visual_results(self, jobs, vision: Sam3VisionEncoderOutput, wanted, clock) -> list[tuple[int, PromptResult]]:
+        """(job index, result) for the visual jobs still wanted: the tracker on their images' trunk output, then
+        rendering (a job refused between slices gets None)."""
+        indices = [index for index, job in enumerate(jobs) if job.visual is not None and wanted(index)]
+        if not indices:
+            return []
+        chosen = [jobs[index] for index in indices]
+        rows = to_device(torch.tensor(indices), self.device)
+        kept = self.visual.candidates(chosen, vision.last_hidden_state.index_select(0, rows))
+        clock.lap("tracker")
+        rendered = self.visual.render(chosen, kept, lambda pair: wanted(indices[pair]))
+        clock.lap("postprocess")
+        return list(zip(indices, rendered, strict=True))
 
     def _select_for_slices(self, job: Job, gate: _Gate) -> _Selected | None:
         """run_sliced's first unit: everything up to the kept queries. None if the job was abandoned meanwhile."""

@@ -1,5 +1,10 @@
 """Turn SAM3_WEIGHTS_PATH into a model on a device: a hub repo, a local directory, a Meta `.pt`, or `demo`.
 
+Weights whose config is `sam3_video` (the hub's facebook/sam3, `demo`) load as transformers' `Sam3VideoModel`: the
+concept detector (`Sam3Model`) plus the tracker's neck, prompt encoder and mask decoder, which answer visual prompts
+(points, a box, a previous mask) from the detector's ViT trunk; the trunk is held once. A `sam3` (detector-only)
+directory, and for now a Meta `.pt`, load the detector alone: concept prompts only.
+
 A Meta `.pt` never needs the hub: its architecture comes from SAM3_CONFIG, else a config.json beside it, else
 transformers' default `Sam3Config()` (full-size SAM 3, the architecture of Meta's released sam3.pt); its processor
 from processor files in SAM3_CONFIG's directory, else beside it, else built in (`Sam3ImageProcessor()` defaults and
@@ -8,6 +13,7 @@ CLIP's BPE tokenizer from open_clip_torch's vocabulary file, sam3_runner.clip_to
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -15,16 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+from transformers import (
+    AutoConfig,
+    Sam3Config,
+    Sam3ImageProcessor,
+    Sam3Model,
+    Sam3Processor,
+    Sam3TrackerVideoModel,
+    Sam3VideoConfig,
+    Sam3VideoModel,
+)
+from transformers.models.sam3.modeling_sam3 import Sam3VisionNeck
 
 from sam3_runner.clip_tokenizer import VOCABULARY_SIZE, clip_tokenizer
-from sam3_runner.demo import build_demo_model
+from sam3_runner.demo import build_demo_video_model
 from sam3_runner.meta_checkpoint import UnknownKeyError, convert_state_dict, image_model_state_dict
 
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
 CONFIG_FILE = "config.json"
+VIDEO_MODEL_TYPE = "sam3_video"  # the config of a detector + tracker checkpoint (the hub's facebook/sam3)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HOW_TO_GET_WEIGHTS = (
@@ -42,6 +59,10 @@ class WeightsError(RuntimeError):
 
 @dataclass
 class LoadedModel:
+    """The model on its device. `model` is the concept detector; `tracker` and `tracker_neck` (None for detector-only
+    weights) answer visual prompts from the detector's ViT trunk output (sam3_runner/visual.py): the tracker's memory
+    modules (video only) are loaded with it but never run."""
+
     model: Sam3Model
     processor: Sam3Processor
     device: torch.device
@@ -50,20 +71,45 @@ class LoadedModel:
     kind: str  # "hub", "directory", "meta_checkpoint", "demo"
     random_weights: bool
     load_seconds: float
+    tracker: Sam3TrackerVideoModel | None = None
+    tracker_neck: Sam3VisionNeck | None = None
+
+    @property
+    def visual_prompts(self) -> bool:
+        return self.tracker is not None
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [module for module in (self.model, self.tracker, self.tracker_neck) if module is not None]
 
     @property
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Every parameter held (detector, tracker and its neck), each once."""
+        return sum(p.numel() for module in self._modules() for p in module.parameters())
 
     @property
     def weights_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return sum(p.numel() * p.element_size() for module in self._modules() for p in module.parameters())
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part: the ViT trunk (shared by both tasks), the detector's heads (its FPN neck, geometry
+        encoder, DETR encoder/decoder, mask head, scoring), the text encoder (CLIP and its projection), the tracker
+        (its neck, prompt encoder, mask decoder, and the memory modules it holds for video)."""
+        trunk = _count(self.model.vision_encoder.backbone)
+        text = _count(self.model.text_encoder) + _count(self.model.text_projection)
+        tracker = sum(_count(module) for module in (self.tracker, self.tracker_neck) if module is not None)
+        return {
+            "trunk": trunk,
+            "detector_heads": _count(self.model) - trunk - text,
+            "text": text,
+            "tracker": tracker,
+        }
 
     def info(self) -> dict:
-        return {
+        info = {
             "model_name": "SAM 3 (random demo weights)" if self.random_weights else "SAM 3",
             "model_version": "sam3-demo-tiny" if self.random_weights else "sam3",
             "parameters": self.parameters,
+            "parameter_counts": self.parameter_counts(),
             "weights_size_gb": round(self.weights_bytes / 1e9, 4),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -71,7 +117,18 @@ class LoadedModel:
             "weights_kind": self.kind,
             "random_weights": self.random_weights,
             "load_seconds": round(self.load_seconds, 2),
+            "visual_prompts": self.visual_prompts,
         }
+        if self.device.type == "cuda":
+            info["gpu_memory_gb"] = {
+                "allocated": round(torch.cuda.memory_allocated(self.device) / 1e9, 3),
+                "reserved": round(torch.cuda.memory_reserved(self.device) / 1e9, 3),
+            }
+        return info
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -117,7 +174,7 @@ def load_model(
     weights = (weights or "").strip()
     config = (config or "").strip() or None
     if check_weights_reference(weights, config) == DEMO:
-        model, processor = build_demo_model()
+        model, processor = build_demo_video_model()
         kind, source = "demo", "demo (tiny random weights, built in memory)"
         log.warning(
             "!!! SAM3_WEIGHTS_PATH=demo: RANDOM WEIGHTS. Masks are meaningless; use real weights in production."
@@ -127,17 +184,33 @@ def load_model(
         source = weights
     model = model.to(device=target_device, dtype=target_dtype).eval()
     model.requires_grad_(False)
+    parts = (
+        (model.detector_model, model.tracker_model, model.tracker_neck)
+        if isinstance(model, Sam3VideoModel)
+        else (model, None, None)
+    )
+    detector, tracker, tracker_neck = parts
     loaded = LoadedModel(
-        model, processor, target_device, target_dtype, source, kind, kind == "demo", time.perf_counter() - started
+        detector,
+        processor,
+        target_device,
+        target_dtype,
+        source,
+        kind,
+        kind == "demo",
+        time.perf_counter() - started,
+        tracker,
+        tracker_neck,
     )
     log.info(
-        "SAM 3 loaded from %s (%s) on %s as %s: %s parameters in %.1f s",
+        "SAM 3 loaded from %s (%s) on %s as %s: %s parameters in %.1f s; visual prompts %s",
         source,
         kind,
         target_device,
         target_dtype,
         f"{loaded.parameters:,}",
         loaded.load_seconds,
+        "on" if loaded.visual_prompts else "off (the weights hold no tracker)",
     )
     return loaded
 
@@ -177,7 +250,9 @@ def _weights_kind(weights: str) -> str:
     return "hub"
 
 
-def _load_weights(weights: str, hf_token: str | None, config: str | None) -> tuple[str, Sam3Model, Sam3Processor]:
+def _load_weights(
+    weights: str, hf_token: str | None, config: str | None
+) -> tuple[str, Sam3Model | Sam3VideoModel, Sam3Processor]:
     kind = check_weights_reference(weights, config)
     if kind == "directory":
         return kind, *_from_pretrained(str(Path(weights).expanduser()), None, f"the directory {weights}")
@@ -186,9 +261,19 @@ def _load_weights(weights: str, hf_token: str | None, config: str | None) -> tup
     return kind, *_from_pretrained(weights, hf_token, f"the Hugging Face repo {weights}")
 
 
-def _from_pretrained(location: str, hf_token: str | None, what: str) -> tuple[Sam3Model, Sam3Processor]:
+def _from_pretrained(
+    location: str, hf_token: str | None, what: str
+) -> tuple[Sam3Model | Sam3VideoModel, Sam3Processor]:
+    """A `sam3_video` config loads detector + tracker (Sam3VideoModel), any other the detector (Sam3Model).
+
+    Sam3VideoModel reads the tracker's keys as the hub holds them (`tracker_model.*`) and as transformers 5.17's
+    save_pretrained writes them (`tracker_model.tracker_model.*`: its sam3_tracker key renaming applied in reverse
+    within the tracker).
+    """
     try:
-        model = Sam3Model.from_pretrained(location, token=hf_token)
+        architecture = AutoConfig.from_pretrained(location, token=hf_token)
+        model_class = Sam3VideoModel if architecture.model_type == VIDEO_MODEL_TYPE else Sam3Model
+        model = model_class.from_pretrained(location, config=architecture, token=hf_token)
         processor = Sam3Processor.from_pretrained(location, token=hf_token)
     except Exception as exc:  # the hub and file readers raise many types; all mean "no usable weights here"
         raise WeightsError(f"could not load SAM 3 from {what}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS) from None
@@ -211,19 +296,24 @@ def _from_meta_checkpoint(path: Path, config: str | None) -> tuple[Sam3Model, Sa
             f"could not read the Meta checkpoint {path}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS
         ) from None
     architecture, architecture_source = meta_checkpoint_config(path, config)
-    _check_fits(state, architecture, f"the Meta checkpoint {path}", architecture_source)
-    processor, processor_source = meta_checkpoint_processor(path, config, architecture)
-    model = Sam3Model(architecture)
+    # The detector alone for now: `state` holds the detector's keys (the tracker's `tracker.*` and its neck's
+    # `sam2_convs.*` have no mapping yet), so visual prompts need weights in transformers format. Where a mapping of
+    # the whole checkpoint to Sam3VideoModel's keys lands, this is the one call to change (with Sam3VideoModel below).
+    detector_config = architecture.detector_config if isinstance(architecture, Sam3VideoConfig) else architecture
+    _check_fits(state, detector_config, f"the Meta checkpoint {path}", architecture_source)
+    processor, processor_source = meta_checkpoint_processor(path, config, detector_config)
+    model = Sam3Model(detector_config)
     model.load_state_dict(state)
     log.info("Meta checkpoint %s: architecture from %s, processor from %s", path, architecture_source, processor_source)
     return model, processor
 
 
-def meta_checkpoint_config(checkpoint: Path, config: str | None = None) -> tuple[Sam3Config, str]:
+def meta_checkpoint_config(checkpoint: Path, config: str | None = None) -> tuple[Sam3Config | Sam3VideoConfig, str]:
     """The architecture a Meta checkpoint loads into, and where it came from.
 
     SAM3_CONFIG (`config`: a config.json or a directory holding one) wins, then a config.json beside the checkpoint,
     then transformers' default `Sam3Config()`: full-size SAM 3 (840,376,374 parameters), the released sam3.pt's.
+    A `sam3_video` config.json (the hub's) gives a Sam3VideoConfig, any other a Sam3Config.
     Raises WeightsError when the chosen file cannot be read.
     """
     if config:
@@ -234,7 +324,8 @@ def meta_checkpoint_config(checkpoint: Path, config: str | None = None) -> tuple
     else:
         return Sam3Config(), "the built-in full-size SAM 3 config (transformers' Sam3Config())"
     try:
-        return Sam3Config.from_json_file(file), source
+        video = json.loads(file.read_text()).get("model_type") == VIDEO_MODEL_TYPE
+        return (Sam3VideoConfig if video else Sam3Config).from_json_file(file), source
     except Exception as exc:  # JSON and config validation raise many types
         raise WeightsError(f"could not read the SAM 3 config {file}: {_first_line(exc)}") from None
 

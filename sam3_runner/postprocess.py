@@ -28,11 +28,12 @@ FULL_HD_PIXELS = 1920 * 1080
 
 @dataclass
 class KeptQueries:
-    """The queries that passed each pair's threshold and top-k, flattened over pairs (pair-major, best first)."""
+    """The queries that passed each pair's threshold and top-k, flattened over pairs (pair-major, best first).
+    For visual prompts: each prompt's candidates, best first (see MaskRenderer's `candidates`)."""
 
     counts: list[int]  # per pair
     scores: torch.Tensor  # [N]
-    boxes: torch.Tensor  # [N, 4] normalised xyxy
+    boxes: torch.Tensor | None  # [N, 4] normalised xyxy; None: each instance's box is its mask's (candidates)
     mask_logits: torch.Tensor  # [N, h, w]
 
     @staticmethod
@@ -110,7 +111,13 @@ def render_pairs(
 class MaskRenderer:
     """render_pairs in slices: each `render(max_pixels)` renders the next passes, so a caller can stop between
     slices (the job was abandoned) or let other work use the device in between. Any slicing gives the same
-    result as rendering in one go; full-resolution masks live for one pass only."""
+    result as rendering in one go; full-resolution masks live for one pass only.
+
+    `candidates`: each pair's instances are alternative masks of one object (a visual prompt's 1 or 3 candidates,
+    best first), not detections: the union mask is the first (best) one's, an instance whose mask is empty stays
+    (the answer always has every candidate), and each box is its mask's, COCO's way (pycocotools.mask.toBbox:
+    x1, y1 = the first foreground column and row, x2, y2 = one past the last; all 0 for an empty mask).
+    """
 
     def __init__(
         self,
@@ -119,11 +126,14 @@ class MaskRenderer:
         mask_thresholds: list[float],
         per_pass: int,
         with_rle: list[bool] | None = None,
+        candidates: bool = False,
     ) -> None:
         self._kept = kept
         self._sizes = sizes
         self._mask_thresholds = mask_thresholds
         self._with_rle = with_rle if with_rle is not None else [True] * len(sizes)
+        self._candidates = candidates
+        self._mask_boxes: list[torch.Tensor] = []
         self._owner = [pair for pair, count in enumerate(kept.counts) for _ in range(count)]
         self._mask_sizes = [sizes[pair] for pair in self._owner]
         self._passes = deque(_passes(self._mask_sizes, per_pass))
@@ -166,7 +176,13 @@ class MaskRenderer:
         masks = upsample_masks(kept.mask_logits[start:stop], height, width, thresholds)
         self._areas.append(torch.count_nonzero(masks, dim=(1, 2)))
         self._rles += self._encode(masks, start, stop)
+        if self._candidates:
+            self._mask_boxes.append(mask_boxes(masks))
         for pair, first, last in _runs(owner, start, stop):
+            if self._candidates:  # the best candidate alone, once: the first of its pair
+                if first > 0 and owner[first - 1] == pair:
+                    continue
+                last = first + 1
             piece = masks[first - start : last - start].any(dim=0)
             union = self._unions[pair]
             self._unions[pair] = piece if union is None else union | piece
@@ -186,14 +202,19 @@ class MaskRenderer:
     def _skip(self, start: int, stop: int) -> None:
         self._areas.append(torch.zeros(stop - start, dtype=torch.long, device=self._kept.mask_logits.device))
         self._rles += [None] * (stop - start)
+        if self._candidates:
+            self._mask_boxes.append(torch.zeros(stop - start, 4, device=self._kept.mask_logits.device))
 
     def result(self) -> list[RenderedPair | None]:
         """Each pair's instances and union mask (None for a dropped pair), once `done`."""
         if not self.done:
             raise RuntimeError("render() has passes left")
         kept, sizes = self._kept, self._sizes
-        scale = _on_device([[w, h, w, h] for h, w in self._mask_sizes], kept.boxes.device).reshape(-1, 4)
-        boxes = torch.minimum((kept.boxes * scale).clamp(min=0), scale).tolist()
+        if self._candidates:
+            boxes = torch.cat(self._mask_boxes).tolist() if self._mask_boxes else []
+        else:
+            scale = _on_device([[w, h, w, h] for h, w in self._mask_sizes], kept.boxes.device).reshape(-1, 4)
+            boxes = torch.minimum((kept.boxes * scale).clamp(min=0), scale).tolist()
         areas = torch.cat(self._areas).tolist() if self._areas else []
         instances = [
             Instance(score=float(score), box=tuple(round(float(v), 2) for v in box), area=int(area), rle=rle)
@@ -207,7 +228,8 @@ class MaskRenderer:
                 rendered.append(None)
             else:
                 union_mask = union.cpu().numpy() if union is not None else np.zeros(sizes[pair], dtype=bool)
-                kept_instances = [instance for instance in instances[offset : offset + count] if instance.area]
+                pair_instances = instances[offset : offset + count]
+                kept_instances = [i for i in pair_instances if i.area or self._candidates]
                 rendered.append(RenderedPair(instances=kept_instances, union_mask=union_mask))
             offset += count
         return rendered
@@ -228,6 +250,18 @@ def upsample_masks(mask_logits: torch.Tensor, height: int, width: int, mask_thre
     """
     resized = F.interpolate(mask_logits.float()[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     return resized > torch.logit(mask_thresholds)[:, None, None]
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Bool masks [n, H, W] -> float32 boxes [n, 4] xyxy in pixels, as pycocotools.mask.toBbox gives them in xywh:
+    the first foreground column and row, and one past the last; all 0 for an empty mask."""
+    rows = masks.any(dim=2)  # [n, H]
+    columns = masks.any(dim=1)  # [n, W]
+    height, width = masks.shape[1:]
+    first = [columns.to(torch.uint8).argmax(dim=1), rows.to(torch.uint8).argmax(dim=1)]  # argmax: the first maximum
+    last = [columns.flip(1).to(torch.uint8).argmax(dim=1), rows.flip(1).to(torch.uint8).argmax(dim=1)]
+    boxes = torch.stack([first[0], first[1], width - last[0], height - last[1]], dim=1).float()
+    return torch.where(rows.any(dim=1)[:, None], boxes, torch.zeros_like(boxes))
 
 
 def _passes(mask_sizes: list[tuple[int, int]], per_pass: int) -> list[tuple[int, int]]:

@@ -42,13 +42,49 @@ class Prompt:
         return self.text.strip() if self.text and self.text.strip() else BOX_ONLY_TEXT
 
 
+@dataclass(frozen=True)
+class PointPrompt:
+    """A click in original-image pixels (x right, y down, display orientation): on the object or, negative, not."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class VisualPrompt:
+    """One object to segment from clicks, a box and/or a previous answer (SAM's promptable visual segmentation).
+
+    - `points`: clicks in original-image pixels; `box`: the object's extent, xyxy in original-image pixels (its
+      `positive` flag is not used: a box always says "this object");
+    - `mask_input`: the low-resolution mask logits a previous answer on the same image returned
+      (PromptResult.mask_logits, float32 [h, w]): SAM's refinement loop;
+    - `multimask`: 3 candidates (an ambiguous prompt such as one click) or 1; the engine takes it as given;
+    - `mask_threshold` (a probability, as for concept prompts) and `include_rle` as in Prompt.
+    """
+
+    points: tuple[PointPrompt, ...] = ()
+    box: BoxPrompt | None = None
+    mask_input: np.ndarray | None = None
+    multimask: bool = False
+    mask_threshold: float = 0.5
+    include_rle: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.points and self.box is None and self.mask_input is None:
+            raise ValueError("a visual prompt needs points, a box or a mask_input")
+        if self.mask_input is not None and self.mask_input.ndim != 2:
+            raise ValueError(f"mask_input must be 2-D [h, w] logits, not {self.mask_input.shape}")
+
+
 def _still_wanted() -> str | None:
     return None
 
 
 @dataclass
 class Job:
-    """One decoded image (HxWx3 uint8 RGB, display orientation) with the prompts to run on it.
+    """One decoded image (HxWx3 uint8 RGB, display orientation) with the prompts to run on it: concept prompts
+    (one PromptResult each, in order) or one visual prompt (`visual`, prompts empty: one PromptResult).
 
     `abandoned` is asked at every stage boundary (before the vision pass, between head chunks, between
     post-processing slices): a reason (e.g. "cancelled") stops the job there, and the engine returns
@@ -58,6 +94,11 @@ class Job:
     image: np.ndarray
     prompts: list[Prompt]
     abandoned: Callable[[], str | None] = _still_wanted
+    visual: VisualPrompt | None = None
+
+    def __post_init__(self) -> None:
+        if self.visual is not None and self.prompts:
+            raise ValueError("a job carries concept prompts or one visual prompt, not both")
 
 
 @dataclass(frozen=True)
@@ -69,7 +110,7 @@ class Abandoned:
 
 @dataclass
 class Instance:
-    score: float
+    score: float  # concept: detection score; visual: the model's predicted IoU
     box: tuple[float, float, float, float]  # xyxy, original-image pixels
     area: int
     rle: dict | None  # COCO RLE: {"size": [h, w], "counts": str}; None when its prompt did not ask for it
@@ -78,6 +119,10 @@ class Instance:
 @dataclass
 class PromptResult:
     instances: list[Instance]
-    union_mask: np.ndarray  # HxW bool, every kept instance
+    union_mask: np.ndarray  # HxW bool: every kept instance (concept), the best candidate (visual)
     image_size: tuple[int, int]  # (width, height)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Visual prompts only: the best candidate's low-resolution mask logits, float32 [h, w] in [-32, 32] (the
+    # model's mask frame: the whole image resized to the model's square input, 288 x 288 at full size), to send
+    # back as VisualPrompt.mask_input.
+    mask_logits: np.ndarray | None = None

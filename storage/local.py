@@ -41,8 +41,24 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in local storage") from None
 
+    def get_object(self, key: str, max_bytes: int) -> bytes:
+        """Any object's bytes (a record the gateway wrote), refusing one over `max_bytes`."""
+        path = self.path_for(key)
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r} in local storage") from None
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
+        return data
+
     def put_png(self, key: str, data: bytes) -> StoredObject:
-        """Written to a temporary file and renamed, so a reader never sees half a mask."""
+        return self.put_object(key, data, "image/png")
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Written to a temporary file and renamed, so a reader never sees half an object (a directory keeps no
+        content type)."""
         path = self.path_for(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +66,7 @@ class LocalStorage:
                 handle.write(data)
             os.replace(handle.name, path)
         except OSError as exc:
-            raise StorageUnavailable(f"local storage could not write the mask ({exc.strerror})") from None
+            raise StorageUnavailable(f"local storage could not write {key!r} ({exc.strerror})") from None
         return StoredObject(key=key, url=self.url_for(key))
 
     def url_for(self, key: str) -> str:

@@ -73,9 +73,24 @@ class R2Storage:
             finally:
                 body.close()
 
-    def put_png(self, key: str, data: bytes) -> StoredObject:
+    def get_object(self, key: str, max_bytes: int) -> bytes:
+        """Any object's bytes (a record the gateway wrote), refusing one over `max_bytes`."""
         with _translated_errors(key):
-            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType="image/png")
+            body = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))["Body"]
+            try:
+                data = body.read(max_bytes + 1)
+            finally:
+                body.close()
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
+        return data
+
+    def put_png(self, key: str, data: bytes) -> StoredObject:
+        return self.put_object(key, data, "image/png")
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        with _translated_errors(key):
+            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type)
             return StoredObject(key=key, url=self.url_for(key))
 
     def url_for(self, key: str) -> str:

@@ -9,18 +9,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from served import ServedBento
 from stack import STACK_API_KEY, r2_settings, running, s3_client, supabase_settings
 
 from backend.segmenter import Segmenter
 from backend.settings import Settings
 from sam3_runner import Sam3Engine, load_model
-from sam3_runner.demo import build_demo_model
+from sam3_runner.demo import build_demo_model, build_demo_video_model
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_like_the_hub(model, directory: Path) -> None:
+    """save_pretrained, with a Sam3VideoModel's tracker keys as the hub's facebook/sam3 holds them: `tracker_model.*`.
+
+    transformers 5.17's save_pretrained writes them as `tracker_model.tracker_model.*` (its `sam3_tracker` key
+    renaming, applied in reverse within the tracker): Sam3VideoModel reads that back, Sam3TrackerModel does not. The
+    hub's checkpoint (written by transformers' convert_sam3_video_to_hf.py; third-party readers of it name
+    `tracker_model.mask_decoder.conv_s0`) has one prefix, which both read.
+    """
+    model.save_pretrained(directory)
+    state = load_file(directory / WEIGHTS_FILE)
+    hub = {key.replace("tracker_model.tracker_model.", "tracker_model.", 1): tensor for key, tensor in state.items()}
+    save_file(hub, directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    """The demo model, detector + tracker (config `sam3_video`), laid out as the hub's facebook/sam3."""
     directory = tmp_path_factory.mktemp("tiny-sam3")
+    model, processor = build_demo_video_model()
+    save_like_the_hub(model, directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_dir(tmp_path_factory) -> Path:
+    """The demo's detector alone (config `sam3`): concept prompts only."""
+    directory = tmp_path_factory.mktemp("tiny-sam3-detector")
     model, processor = build_demo_model()
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -268,7 +268,7 @@ def test_slow_r2_times_out_with_a_clear_error_and_a_failed_row(r2, supabase):
         )
         tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
 
-        pipeline = PredictPipeline(store, tasks, NeverCalled(), Limits(10**7, 10**8, 40_000, 2_500))
+        pipeline = PredictPipeline(store, tasks, NeverCalled(), Limits(10**7, 10**8, 40_000, 2_500, 86_400))
         task_id, user_id = new_task_row(supabase)
         started = time.monotonic()
         with pytest.raises(ApiError) as error:

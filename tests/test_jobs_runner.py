@@ -37,7 +37,7 @@ async def run_one_job(r2, supabase, store_path, segment, ready, **config) -> tup
     """Submit one job through the real submission path and run the runner until the job has ended."""
     objects = R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"])
     tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
-    pipeline = PredictPipeline(objects, tasks, Model(segment), Limits(10**7, 10**8, 40_000, 2_500))
+    pipeline = PredictPipeline(objects, tasks, Model(segment), Limits(10**7, 10**8, 40_000, 2_500, 86_400))
     store = JobStore(store_path)
     settings = {
         "concurrency": 1,
@@ -136,7 +136,7 @@ def test_a_job_that_meets_supabase_down_does_not_leave_its_row_processing_once_s
         async def model_fails(item: dict) -> dict:
             return {"ok": False, "error": {"code": "inference_failed", "message": "stand-in"}}
 
-        pipeline = PredictPipeline(objects, tasks, Model(model_fails), Limits(10**7, 10**8, 10**6, 10**6))
+        pipeline = PredictPipeline(objects, tasks, Model(model_fails), Limits(10**7, 10**8, 10**6, 10**6, 86_400))
         store = JobStore(tmp_path / "jobs.sqlite3")
         model_up = False
 

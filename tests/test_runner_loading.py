@@ -13,13 +13,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import random_image
+from conftest import WEIGHTS_FILE, random_image
 from meta_checkpoints import CONFIG_AND_PROCESSOR, TRACKER_FIXTURE, meta_keys, write_meta_checkpoint
 from runner_asserts import assert_same_result
-from transformers import Sam3Config, Sam3Model
+from safetensors.torch import load_file
+from transformers import Sam3Config, Sam3Model, Sam3VideoModel
 
 from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
 from sam3_runner.clip_tokenizer import clip_tokenizer
+from sam3_runner.demo import build_demo_video_model
 from sam3_runner.loading import check_weights_reference, meta_checkpoint_config, meta_checkpoint_processor
 from sam3_runner.meta_checkpoint import convert_shape, convert_state_dict, image_model_state_dict, plan_key
 
@@ -227,11 +229,28 @@ def test_a_sam3_config_that_cannot_work_fails_the_start(tiny_model_dir, tmp_path
 
 
 def test_directory_loads_with_info(tiny_model_dir):
+    """The parameter count is the whole model's (the trunk once), and per part; no GPU memory on the CPU."""
     loaded = load_model(str(tiny_model_dir), device="cpu")
     info = loaded.info()
     assert info["weights_kind"] == "directory" and info["random_weights"] is False
-    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters()) > 0
+    video = Sam3VideoModel.from_pretrained(str(tiny_model_dir))
+    assert info["parameters"] == sum(p.numel() for p in video.parameters()) > 0
+    parts = info["parameter_counts"]
+    assert sum(parts.values()) == info["parameters"]
+    assert parts["trunk"] == sum(p.numel() for p in video.detector_model.vision_encoder.backbone.parameters())
+    tracker = [*video.tracker_model.parameters(), *video.tracker_neck.parameters()]
+    assert parts["tracker"] == sum(p.numel() for p in tracker)
+    assert parts["text"] > 0 and parts["detector_heads"] > 0
+    assert info["visual_prompts"] is True and "gpu_memory_gb" not in info
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+def test_a_detector_only_directory_loads_without_visual_prompts(tiny_detector_dir):
+    loaded = load_model(str(tiny_detector_dir), device="cpu")
+    info = loaded.info()
+    assert info["visual_prompts"] is False and loaded.tracker is None
+    assert info["parameter_counts"]["tracker"] == 0
+    assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters())
 
 
 def test_demo_is_labelled_random(caplog):
@@ -292,3 +311,20 @@ def test_hub_repo_loads_offline_from_a_filled_cache(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["hub", "facebook/sam3", "False"]
+
+
+def test_the_tracker_loads_from_the_hubs_layout_and_from_save_pretrained(tiny_model_dir, tmp_path):
+    """The hub holds the tracker as `tracker_model.*`; transformers 5.17's save_pretrained writes
+    `tracker_model.tracker_model.*`. Both directories load the same weights, the ones the demo builds."""
+    model, processor = build_demo_video_model()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert any(key.startswith("tracker_model.tracker_model.") for key in load_file(tmp_path / "model.safetensors"))
+    assert not any(key.startswith("tracker_model.tracker_model.") for key in load_file(tiny_model_dir / WEIGHTS_FILE))
+    built = model.state_dict()
+    for directory in (tiny_model_dir, tmp_path):
+        loaded = load_model(str(directory), device="cpu")
+        parts = {"detector_model": loaded.model, "tracker_model": loaded.tracker, "tracker_neck": loaded.tracker_neck}
+        for prefix, part in parts.items():
+            for key, tensor in part.state_dict().items():
+                assert torch.equal(tensor, built[f"{prefix}.{key}"]), (directory, prefix, key)

@@ -8,7 +8,7 @@ import torch
 from pycocotools import mask as mask_utils
 from runner_asserts import decode_rle
 
-from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, MaskRenderer, _passes, render_pairs
+from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, MaskRenderer, _passes, mask_boxes, render_pairs
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
 
 
@@ -240,3 +240,47 @@ def test_pairs_without_rle_get_none_and_everything_else_unchanged(per_pass):
             [i.rle for i in want.instances] if wanted else [None] * len(got.instances)
         )
         assert np.array_equal(got.union_mask, want.union_mask)
+
+
+def test_mask_boxes_are_cocos_boxes_of_the_masks():
+    generator = torch.Generator().manual_seed(5)
+    masks = torch.rand(6, 23, 31, generator=generator) > 0.97  # scattered pixels: boxes with odd extents
+    masks[1] = False  # empty
+    masks[2] = False
+    masks[2, 22, 30] = True  # the last pixel alone
+    masks[3] = True  # the whole image
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    want = [[x, y, x + w, y + h] for x, y, w, h in mask_utils.toBbox(rles).tolist()]
+    assert mask_boxes(masks).tolist() == want
+    assert want[1] == [0, 0, 0, 0] and want[2] == [30, 22, 31, 23] and want[3] == [0, 0, 31, 23]
+
+
+@pytest.mark.parametrize("per_pass", [1, MASKS_PER_GPU_PASS])
+def test_candidates_keep_every_mask_box_it_by_its_mask_and_unite_only_the_best(per_pass):
+    """A visual prompt's candidates: the union is the first (best) mask alone, an empty candidate stays, boxes are
+    the masks' own; masks, scores, areas and RLEs as for detections; slicing and dropping work the same."""
+    generator = torch.Generator().manual_seed(6)
+    counts, sizes = [3, 1, 3], [(30, 50), (41, 23), (30, 50)]
+    logits = torch.randn(7, 12, 12, generator=generator) * 3 - 1
+    logits[2] = -10.0  # the first prompt's third candidate: empty
+    kept = KeptQueries(counts=counts, scores=torch.rand(7, generator=generator), boxes=None, mask_logits=logits)
+    renderer = MaskRenderer(kept, sizes, [0.5] * 3, per_pass, candidates=True)
+    renderer.drop({1})
+    while not renderer.done:
+        renderer.render(1)
+    candidates = renderer.result()
+    assert candidates[1] is None
+    index = 0
+    for pair, count, (height, width) in zip(candidates, counts, sizes, strict=True):
+        if pair is None:
+            index += count
+            continue
+        assert len(pair.instances) == count
+        masks = [decode_rle(instance.rle) for instance in pair.instances]
+        for instance, mask in zip(pair.instances, masks, strict=True):
+            assert np.array_equal(mask, _meta_mask(logits[index], height, width, 0.5))
+            assert instance.area == mask.sum() and instance.score == pytest.approx(float(kept.scores[index]))
+            assert list(instance.box) == mask_boxes(torch.from_numpy(mask)[None])[0].tolist()
+            index += 1
+        assert np.array_equal(pair.union_mask, masks[0])
+    assert candidates[0].instances[2].area == 0 and candidates[0].instances[2].box == (0.0, 0.0, 0.0, 0.0)

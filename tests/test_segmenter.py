@@ -9,11 +9,13 @@ import pytest
 import torch
 from conftest import encode, random_image
 from meta_checkpoints import write_meta_checkpoint
+from PIL import Image
+from runner_asserts import decode_rle
 
-from backend.protocol import addressed, make_item, unpack_mask
+from backend.protocol import addressed, make_item, make_visual_item, unpack_mask
 from backend.segmenter import Segmenter
 from backend.settings import Settings
-from sam3_runner import BoxPrompt, Prompt, WeightsError
+from sam3_runner import BoxPrompt, PointPrompt, Prompt, VisualPrompt, WeightsError
 
 
 def items(count: int) -> list[dict]:
@@ -252,3 +254,83 @@ def test_a_box_may_end_at_most_ten_image_sizes_away(segmenter):
     assert [o["ok"] for o in outcomes] == [True, False, False, False, True]
     assert {o["error"]["code"] for o in outcomes[1:4]} == {"invalid_box"}
     assert "runs too far past the 64x48 image (x2 <= 640, y2 <= 480)" in outcomes[1]["error"]["message"]
+
+
+def visual_item(image: bytes, **prompt) -> dict:
+    return make_visual_item(image, VisualPrompt(**prompt), 10**8)
+
+
+def test_visual_items_are_answered_in_the_batch_beside_concept_items(segmenter):
+    """A visual item's answer: its candidates best first, the best one as the mask, its low-res logits; a concept
+    item in the same batch gets what it gets alone; a refinement step takes the logits back as they came."""
+    image = encode(random_image(np.random.default_rng(20), 40, 60))
+    concept = make_item(image, [Prompt("cat", score_threshold=0.0)], 10**8)
+    tap = visual_item(image, points=(PointPrompt(30, 20),), multimask=True)
+    box = visual_item(image, box=BoxPrompt(5, 5, 50, 35))
+    outcomes = segmenter.segment([concept, tap, box])
+    assert all(o["ok"] for o in outcomes)
+    alone = segmenter.segment([concept])[0]["results"][0]["instances"]
+    assert [i["score"] for i in outcomes[0]["results"][0]["instances"]] == pytest.approx([i["score"] for i in alone])
+    assert "mask_logits" not in outcomes[0]
+    [candidates] = outcomes[1]["results"]
+    scores = [instance["score"] for instance in candidates["instances"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    best = decode_rle(candidates["instances"][0]["rle"])
+    assert np.array_equal(unpack_mask(candidates), best) and candidates["image_size"] == [60, 40]
+    assert "tracker" in candidates["timings"] and "decode" in candidates["timings"]
+    logits = outcomes[1]["mask_logits"]
+    assert logits["shape"] == [16, 16] and logits["dtype"] == "float16"
+    assert len(outcomes[2]["results"][0]["instances"]) == 1
+    refine = {**tap, "visual": {**tap["visual"], "multimask": False, "mask_input": logits}}
+    refined = segmenter.segment([refine])[0]
+    assert refined["ok"] and refined["mask_logits"] != logits
+
+
+def test_a_point_must_lie_on_the_image_and_a_visual_box_must_overlap_it(segmenter):
+    image = encode(random_image(np.random.default_rng(21), 40, 60))
+    outcomes = segmenter.segment(
+        [
+            visual_item(image, points=(PointPrompt(59.9, 39.9),)),
+            visual_item(image, points=(PointPrompt(10, 10), PointPrompt(60, 10))),
+            visual_item(image, points=(PointPrompt(-0.5, 10),)),
+            visual_item(image, points=(PointPrompt(10, 40, positive=False),)),
+            visual_item(image, box=BoxPrompt(60, 5, 70, 20)),
+            visual_item(image, points=(PointPrompt(1, 1),), box=BoxPrompt(1, 1, 601, 20)),
+            make_item(image, [Prompt("cat")], 10**8),
+        ]
+    )
+    assert [o["ok"] for o in outcomes] == [True, False, False, False, False, False, True]
+    codes = [o["error"]["code"] for o in outcomes[1:6]]
+    assert codes == ["invalid_point"] * 3 + ["invalid_box"] * 2
+    assert outcomes[1]["error"]["message"].startswith("point 1 (60, 10) is outside the 60x40 image")
+
+
+def test_points_are_in_the_display_orientation_of_an_exif_rotated_photo(segmenter):
+    """A photo stored 40x80 with EXIF orientation 6 is shown 80 tall and 40 wide: a point at y = 70 is on it, and
+    the answer is the one for the same photo stored upright."""
+    pixels = random_image(np.random.default_rng(22), 40, 80)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated = encode(pixels, "PNG", exif=exif.tobytes())
+    upright = encode(np.ascontiguousarray(np.rot90(pixels, k=-1)), "PNG")
+    prompt = {"points": (PointPrompt(30, 70),), "box": BoxPrompt(2, 40, 38, 79), "multimask": True}
+    on_rotated, on_upright = segmenter.segment([visual_item(rotated, **prompt), visual_item(upright, **prompt)])
+    assert on_rotated["ok"] and on_rotated["results"][0]["image_size"] == [40, 80]
+    assert on_rotated["results"][0]["instances"] == on_upright["results"][0]["instances"]
+    assert on_rotated["mask_logits"] == on_upright["mask_logits"]
+
+
+def test_detector_only_weights_serve_concepts_and_refuse_visual_items(tiny_detector_dir):
+    segmenter = Segmenter(Settings(sam3_weights_path=str(tiny_detector_dir), sam3_device="cpu", _env_file=None))
+    deadline = time.monotonic() + 60
+    while not segmenter.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segmenter.status()["info"]["visual_prompts"] is False
+    image = encode(random_image(np.random.default_rng(23), 40, 60))
+    outcomes = segmenter.segment([visual_item(image, points=(PointPrompt(5, 5),)), *items(1)])
+    assert [o["ok"] for o in outcomes] == [False, True]
+    assert outcomes[0]["error"]["code"] == "visual_prompts_unavailable"
+    assert "facebook/sam3" in outcomes[0]["error"]["message"]
+    assert segmenter.segment_sliced(visual_item(image, box=BoxPrompt(1, 1, 9, 9)))["error"]["code"] == (
+        "visual_prompts_unavailable"
+    )

@@ -96,6 +96,8 @@ def test_info_by_get_and_post(server):
         ):
             assert field in info
         assert info["acceleration"]["compile"] == "off" and info["acceleration"]["jpeg_decode"] == "cpu"
+        assert info["visual_prompts"] is True and sum(info["parameter_counts"].values()) == info["parameters"]
+        assert info["parameter_counts"]["tracker"] > 0 and "gpu_memory_gb" not in info  # the CPU: no GPU memory
 
 
 def test_predict_round_trip(server, storage_dir, image_key):

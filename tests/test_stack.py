@@ -22,7 +22,7 @@ from stack import STACK_API_KEY, new_task_row, running, s3_client, task_row
 from backend.api_models import PredictRequest
 from backend.errors import ApiError
 from backend.pipeline import Limits, PredictPipeline
-from storage import R2Storage, StorageUnavailable
+from storage import LocalStorage, ObjectNotFound, ObjectTooLarge, R2Storage, StorageUnavailable, UnsupportedImageUrl
 from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult
 
 pytestmark = pytest.mark.stack
@@ -229,7 +229,9 @@ def pipeline_for(r2_env, supabase_env, segmenter, secret=None):
     )
     tasks = SupabaseTaskStore(supabase_env["SUPABASE_URL"], supabase_env["SUPABASE_SERVICE_ROLE_KEY"], timeout_s=3)
 
-    return PredictPipeline(store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500))
+    return PredictPipeline(
+        store, tasks, InProcessModel(segmenter), Limits(20_000_000, 50_000_000, 40_000, 2_500, 86_400)
+    )
 
 
 def run_predict(pipeline, task_id, user_id, image_url="images/in.jpg"):
@@ -330,6 +332,26 @@ def test_supabase_down_is_a_clear_error_and_nothing_is_written(r2, bucket, segme
     assert (error.value.status, error.value.code) in ((502, "database_unavailable"), (504, "database_timeout"))
     with pytest.raises(ClientError):
         bucket.head_object(Bucket=r2["R2_BUCKET"], Key=f"masks/{user_id}/{task_id}.png")
+
+
+@pytest.mark.parametrize("kind", ["local", "r2"])
+def test_a_record_round_trips_through_either_store(r2, bucket, tmp_path, kind):
+    """get_object / put_object, what refinement records (backend/refinement.py) go through."""
+    if kind == "local":
+        store = LocalStorage(tmp_path)
+    else:
+        store = R2Storage(r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"])
+    key = f"refine/u/{uuid.uuid4()}.npz"
+    stored = store.put_object(key, b"record", "application/octet-stream")
+    assert stored.key == key and store.get_object(key, 6) == b"record"
+    if kind == "r2":
+        assert bucket.head_object(Bucket=r2["R2_BUCKET"], Key=key)["ContentType"] == "application/octet-stream"
+    with pytest.raises(ObjectTooLarge):
+        store.get_object(key, 5)
+    with pytest.raises(ObjectNotFound):
+        store.get_object("refine/u/missing.npz", 100)
+    with pytest.raises(UnsupportedImageUrl):
+        store.get_object("../outside.npz", 100)
 
 
 def test_presigned_mask_url_serves_the_png(r2):

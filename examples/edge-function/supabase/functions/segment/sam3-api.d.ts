@@ -38,6 +38,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/predict/visual": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Predict Visual
+         * @description One object: tap it (points), box it, or refine an earlier visual task (docs: concept or visual prompt).
+         */
+        post: operations["predict_visual_api_v1_predict_visual_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/tasks/{task_id}": {
         parameters: {
             query?: never;
@@ -109,23 +129,11 @@ export interface components {
              * @description The segmentation_results row id
              */
             task_id: string;
-            /** Boxes */
-            boxes?: components["schemas"]["Box"][];
-            /**
-             * Threshold
-             * @default 0.5
-             */
-            threshold?: number;
             /**
              * Mask Threshold
              * @default 0.5
              */
             mask_threshold?: number;
-            /**
-             * Max Instances
-             * @default 100
-             */
-            max_instances?: number;
             /**
              * Include Rle
              * @default true
@@ -142,6 +150,18 @@ export interface components {
              * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
              */
             callback_url?: string | null;
+            /** Boxes */
+            boxes?: components["schemas"]["Box"][];
+            /**
+             * Threshold
+             * @default 0.5
+             */
+            threshold?: number;
+            /**
+             * Max Instances
+             * @default 100
+             */
+            max_instances?: number;
             /** Prompts */
             prompts: string[];
         };
@@ -218,7 +238,7 @@ export interface components {
             box: number[];
             /**
              * Area
-             * @description pixels in the instance's mask; at least 1 (an empty mask is no instance)
+             * @description pixels in the instance's mask; at least 1 on predict (an empty mask is no instance); a visual candidate's may be 0
              */
             area: number;
             /**
@@ -248,6 +268,38 @@ export interface components {
              */
             status_url: string;
         };
+        /**
+         * ObjectBox
+         * @description A box around the one object to segment (xyxy, pixels of the image as displayed). Not an exemplar: it says
+         *     "this thing", not "things like this" (that is `boxes` on predict).
+         */
+        ObjectBox: {
+            /** X1 */
+            x1: number;
+            /** Y1 */
+            y1: number;
+            /** X2 */
+            x2: number;
+            /** Y2 */
+            y2: number;
+        };
+        /**
+         * Point
+         * @description A tap on the object to segment, in pixels of the image as displayed (EXIF orientation applied), like boxes:
+         *     `positive` means "this is the object", `negative` "this is not part of it".
+         */
+        Point: {
+            /** X */
+            x: number;
+            /** Y */
+            y: number;
+            /**
+             * Label
+             * @default positive
+             * @enum {string}
+             */
+            label?: "positive" | "negative";
+        };
         /** PredictRequest */
         PredictRequest: {
             /**
@@ -263,23 +315,11 @@ export interface components {
              * @description The segmentation_results row id
              */
             task_id: string;
-            /** Boxes */
-            boxes?: components["schemas"]["Box"][];
-            /**
-             * Threshold
-             * @default 0.5
-             */
-            threshold?: number;
             /**
              * Mask Threshold
              * @default 0.5
              */
             mask_threshold?: number;
-            /**
-             * Max Instances
-             * @default 100
-             */
-            max_instances?: number;
             /**
              * Include Rle
              * @default true
@@ -296,6 +336,18 @@ export interface components {
              * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
              */
             callback_url?: string | null;
+            /** Boxes */
+            boxes?: components["schemas"]["Box"][];
+            /**
+             * Threshold
+             * @default 0.5
+             */
+            threshold?: number;
+            /**
+             * Max Instances
+             * @default 100
+             */
+            max_instances?: number;
             /**
              * Text Prompt
              * @description A noun phrase, e.g. 'red car'
@@ -361,6 +413,60 @@ export interface components {
              */
             finished_at: string | null;
             webhook: components["schemas"]["WebhookStatus"] | null;
+        };
+        /**
+         * VisualPredictRequest
+         * @description One object, pointed at (SAM 3's visual prompts): points, a box, an earlier visual task's mask, or several.
+         */
+        VisualPredictRequest: {
+            /**
+             * Image Url
+             * @description Object key, r2:// URL or R2 URL
+             */
+            image_url: string;
+            /** User Id */
+            user_id: string;
+            /**
+             * Task Id
+             * Format: uuid
+             * @description The segmentation_results row id
+             */
+            task_id: string;
+            /**
+             * Mask Threshold
+             * @default 0.5
+             */
+            mask_threshold?: number;
+            /**
+             * Include Rle
+             * @default true
+             */
+            include_rle?: boolean;
+            /**
+             * Async
+             * @description Answer 202 at once and run in the background (docs: Async jobs)
+             * @default false
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
+            /** Points */
+            points?: components["schemas"]["Point"][];
+            box?: components["schemas"]["ObjectBox"] | null;
+            /**
+             * Refine Task Id
+             * Format: uuid
+             * @description An earlier visual task on the same image (same user_id): its best mask is the starting point
+             */
+            refine_task_id?: string | null;
+            /**
+             * Multimask
+             * @description 3 candidate masks instead of 1; default: true for a single point and nothing else
+             */
+            multimask?: boolean;
         };
         /** WebhookStatus */
         WebhookStatus: {
@@ -588,6 +694,131 @@ export interface operations {
             };
             /** @description Internal Server Error */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Bad Gateway */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Gateway Timeout */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    predict_visual_api_v1_predict_visual_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VisualPredictRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PredictResponse"];
+                };
+            };
+            /** @description Accepted ("async": true): the job is recorded and runs */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobAccepted"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
+            429: {
+                headers: {
+                    /** @description seconds to wait */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description visual_prompts_unavailable: the loaded weights have no tracker */
+            501: {
                 headers: {
                     [name: string]: unknown;
                 };
