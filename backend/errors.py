@@ -76,6 +76,8 @@ _FIELD_CODES = {
     "mask_threshold": "invalid_option",
     "max_instances": "invalid_option",
     "include_rle": "invalid_option",
+    "outputs": "invalid_option",
+    "polygon_tolerance": "invalid_option",
     "async": "invalid_option",
     "callback_url": "unsupported_callback_url",
 }

@@ -42,7 +42,11 @@ class LocalStorage:
             raise ObjectNotFound(f"no object {key!r} in local storage") from None
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
-        """Written to a temporary file and renamed, so a reader never sees half a mask."""
+        return self.put(key, data, "image/png")
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Written to a temporary file and renamed, so a reader never sees half a file. The content type is the
+        file name's business here (a file has none)."""
         path = self.path_for(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,7 @@ class LocalStorage:
                 handle.write(data)
             os.replace(handle.name, path)
         except OSError as exc:
-            raise StorageUnavailable(f"local storage could not write the mask ({exc.strerror})") from None
+            raise StorageUnavailable(f"local storage could not write {key!r} ({exc.strerror})") from None
         return StoredObject(key=key, url=self.url_for(key))
 
     def url_for(self, key: str) -> str:

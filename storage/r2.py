@@ -74,8 +74,11 @@ class R2Storage:
                 body.close()
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
+        return self.put(key, data, "image/png")
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         with _translated_errors(key):
-            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType="image/png")
+            self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type)
             return StoredObject(key=key, url=self.url_for(key))
 
     def url_for(self, key: str) -> str:

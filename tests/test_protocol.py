@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.masks import mask_png
 from backend.protocol import union_of, unpack_mask
+from renderers import mask_png
 
 
 @pytest.mark.parametrize(("height", "width"), [(5, 7), (120, 200), (1, 1)])
