@@ -17,6 +17,10 @@ from renderers.instances import InstanceMask
 MAX_SIDE = 1024
 JPEG_QUALITY = 85
 MAX_CAPTION_CHARS = 40  # longer labels are cut (with "…") so a caption never covers the preview
+# Up to this many instances, captions are moved inside the image and apart from each other (supervision's
+# smart_position); its cost grows faster than the count (50 labels: 39 ms, 200: 0.7 s, 1000: 13 s on 2 cores), so
+# beyond it each caption stays above its box's top-left corner.
+SPREAD_CAPTIONS_UP_TO = 50
 
 
 class Overlay:
@@ -61,7 +65,12 @@ class Overlay:
             scene = sv.MaskAnnotator(color_lookup=index).annotate(scene, detections)
             scene = sv.PolygonAnnotator(color_lookup=index, thickness=2).annotate(scene, detections)
             scene = sv.BoxAnnotator(color_lookup=index, thickness=2).annotate(scene, detections)
-            labels = sv.RichLabelAnnotator(color_lookup=index, font_size=font_size, text_padding=font_size // 3)
+            labels = sv.RichLabelAnnotator(
+                color_lookup=index,
+                font_size=font_size,
+                text_padding=font_size // 3,
+                smart_position=len(self._captions) <= SPREAD_CAPTIONS_UP_TO,
+            )
             scene = labels.annotate(scene, detections, labels=self._captions)
         ok, encoded = cv2.imencode(".jpg", scene, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
