@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -67,9 +67,8 @@ class PredictOptions(BaseModel):
     mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
     max_instances: int = Field(100, ge=1, le=MAX_INSTANCES, strict=True)
     include_rle: bool = Field(True, strict=True, description='false: no "rle", whatever outputs says')
-    outputs: list[OutputName] | SkipJsonSchema[None] = Field(
+    outputs: Annotated[list[OutputName], Field(max_length=5)] | SkipJsonSchema[None] = Field(
         None,
-        max_length=5,
         description='What to produce (order and repeats do not matter); absent: ["rle"]. See the contract\'s Outputs',
         json_schema_extra=lambda schema: schema.pop("default", None),
     )

@@ -241,15 +241,17 @@ def test_300_instances_make_a_16_bit_instance_map(r2, supabase, bucket):
     assert values[0, 0] == 1 and values[85, 155] == 0 and values[5 * (299 // 32), 5 * (299 % 32)] == 300
 
 
-def test_an_async_job_keeps_its_outputs_through_the_job_store():
+@pytest.mark.parametrize(
+    ("options", "wanted"),
+    [
+        ({}, {"rle"}),
+        ({"include_rle": False}, set()),
+        ({"outputs": ["polygons", "overlay"], "polygon_tolerance": 2.5}, {"polygons", "overlay"}),
+    ],
+)
+def test_an_async_job_keeps_its_outputs_through_the_job_store(options, wanted):
     """A job is stored as the request's JSON (jobs/queue.py) and read back before it runs."""
-    request = PredictRequest(
-        image_url="images/in.jpg",
-        text_prompt="car",
-        user_id="u",
-        task_id=str(uuid.uuid4()),
-        outputs=["polygons", "overlay"],
-        polygon_tolerance=2.5,
-    )
+    request = PredictRequest(image_url="images/in.jpg", text_prompt="car", user_id="u", task_id=str(uuid.uuid4()))
+    request = PredictRequest.model_validate({**request.model_dump(by_alias=True), **options})
     again = PredictRequest.model_validate_json(request.model_dump_json(by_alias=True))
-    assert again.wanted_outputs == frozenset({"polygons", "overlay"}) and again.polygon_tolerance == 2.5
+    assert again.wanted_outputs == wanted and again.polygon_tolerance == options.get("polygon_tolerance", 1.0)
