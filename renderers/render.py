@@ -11,7 +11,6 @@ import numpy as np
 from renderers.cutout import cutout_png
 from renderers.instance_map import InstanceMap
 from renderers.instances import decode
-from renderers.overlay import Overlay
 from renderers.polygons import polygons
 
 NEEDS_INSTANCE_MASKS = frozenset({"polygons", "instance_map", "overlay"})
@@ -51,7 +50,13 @@ def render(
     width, height = size
     rendered = Rendered(polygons=[] if "polygons" in wanted else None)
     instance_map = InstanceMap(height, width, len(instances)) if "instance_map" in wanted else None
-    overlay = Overlay(pixels) if "overlay" in wanted else None
+    overlay = None
+    if "overlay" in wanted:
+        # supervision (it imports scipy) costs 1.2 s and 59 MiB per process: loaded by the first overlay, not by every
+        # gateway and model worker at start
+        from renderers.overlay import Overlay
+
+        overlay = Overlay(pixels)
     if wanted & NEEDS_INSTANCE_MASKS:
         for number, instance in enumerate(instances, start=1):
             mask = decode(instance.rle)
