@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -21,6 +21,9 @@ MAX_CALLBACK_URL_CHARS = 2048
 # model service also refuses a box that ends more than 10 image widths (heights) away (backend/segmenter.py).
 MAX_BOX_COORDINATE = 1_000_000
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# What a request may ask for beyond the mask PNG (docs/api-contract.md, Outputs): "rle" is on by default.
+OutputName = Literal["rle", "polygons", "instance_map", "cutout", "overlay"]
+MAX_POLYGON_TOLERANCE = 100.0
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # Unicode categories that show nothing on their own: controls, format characters (zero-width space, joiners, BOM,
 # bidi marks, tags), separators (every kind of space, line and paragraph) and combining marks with no base letter
@@ -63,7 +66,20 @@ class TaskOptions(BaseModel):
     # strict: `true`, "0.3" or "5" are not numbers and "false" is not a boolean; coercing them would answer another
     # request than the one sent (`"threshold": true` became 1.0: no instance), so they are 422 invalid_option
     mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
-    include_rle: bool = Field(True, strict=True)
+    include_rle: bool = Field(True, strict=True, description='false: no "rle", whatever outputs says')
+    outputs: Annotated[list[OutputName], Field(max_length=5)] | SkipJsonSchema[None] = Field(
+        None,
+        description='What to produce (order and repeats do not matter); absent: ["rle"]. See the contract\'s Outputs',
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
+    polygon_tolerance: float = Field(
+        1.0,
+        ge=0,
+        le=MAX_POLYGON_TOLERANCE,
+        allow_inf_nan=False,
+        strict=True,
+        description="Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every corner",
+    )
     run_async: bool = Field(
         False, alias="async", strict=True, description="Answer 202 at once and run in the background (docs: Async jobs)"
     )
@@ -84,6 +100,12 @@ class TaskOptions(BaseModel):
         if self.callback_url is not None and not self.run_async:
             raise ValueError('callback_url is only used with "async": true')
         return self
+
+    @property
+    def wanted_outputs(self) -> frozenset[str]:
+        """What to produce: `outputs` (absent: ["rle"]), less "rle" when include_rle is false."""
+        wanted = frozenset(self.outputs) if self.outputs is not None else frozenset({"rle"})
+        return wanted if self.include_rle else wanted - {"rle"}
 
 
 class PredictOptions(TaskOptions):
@@ -210,6 +232,13 @@ class VisualPredictRequest(TaskOptions):
         return self
 
 
+class Polygon(BaseModel):
+    """One separate part of an instance's mask (docs/api-contract.md, Outputs: pixel convention)."""
+
+    exterior: list[tuple[int, int]] = Field(description="[[x, y], ...]: the part's outline, original-image pixels")
+    holes: list[list[tuple[int, int]]] = Field(description="the outlines of the part's holes, as exterior")
+
+
 class InstanceOut(BaseModel):
     label: str
     score: float
@@ -224,11 +253,36 @@ class InstanceOut(BaseModel):
         description="COCO RLE {size: [h, w], counts: str}; absent when include_rle is false",
         json_schema_extra=lambda schema: schema.pop("default", None),
     )
+    polygons: list[Polygon] | SkipJsonSchema[None] = Field(
+        None,
+        description='Present when outputs has "polygons": one per separate part of the mask',
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class ImageSize(BaseModel):
     width: int
     height: int
+
+
+class OutputFiles(BaseModel):
+    """The files `outputs` asked for (each key only when asked), in R2 beside the mask PNG."""
+
+    instance_map_url: str | SkipJsonSchema[None] = Field(
+        None,
+        description="PNG, the image's size: pixel value i is instance i (1-based), 0 background; 16-bit past 255",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
+    cutout_url: str | SkipJsonSchema[None] = Field(
+        None,
+        description="RGBA PNG: the image cropped to the instances' union, alpha = the union",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
+    overlay_url: str | SkipJsonSchema[None] = Field(
+        None,
+        description="JPEG preview, long side at most 1024 px: masks, outlines, boxes, captions",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class PredictResponse(BaseModel):
@@ -242,6 +296,11 @@ class PredictResponse(BaseModel):
     image: ImageSize
     instances: list[InstanceOut]
     timings: dict[str, float]
+    outputs: OutputFiles | SkipJsonSchema[None] = Field(
+        None,
+        description="The files outputs asked for; absent when it asked for none (and in a batch's results)",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class BatchPredictResponse(BaseModel):
@@ -251,6 +310,11 @@ class BatchPredictResponse(BaseModel):
     results: list[PredictResponse]
     total_inference_time_ms: float
     timings: dict[str, float]
+    outputs: OutputFiles | SkipJsonSchema[None] = Field(
+        None,
+        description="The files outputs asked for, one set for all prompts; absent when it asked for none",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -82,6 +82,8 @@ _FIELD_CODES = {
     "max_instances": "invalid_option",
     "include_rle": "invalid_option",
     "multimask": "invalid_option",
+    "outputs": "invalid_option",
+    "polygon_tolerance": "invalid_option",
     "async": "invalid_option",
     "callback_url": "unsupported_callback_url",
 }

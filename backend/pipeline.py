@@ -18,10 +18,11 @@ from typing import Protocol
 from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest, TaskOptions, VisualPredictRequest
 from backend.cost import refuse_if_too_heavy
 from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, to_api_error
-from backend.masks import mask_png
+from backend.outputs import OutputMaker, model_needs_rle
 from backend.prompt_kinds import ConceptPrompts, ObjectPrompt, PromptKind
 from backend.protocol import box_prompts, union_of, unpack_mask
 from backend.refinement import Refinements
+from renderers import mask_png
 from sam3_runner import BOX_ONLY_TEXT, Prompt
 from storage import ObjectStore
 from tasks import TaskResult, TaskStore
@@ -55,6 +56,7 @@ class PredictPipeline:
         self.model = model
         self.limits = limits
         self.refinements = Refinements(store, limits.refine_retention_s)
+        self.outputs = OutputMaker(store, limits.max_image_pixels, self._guard)
 
     async def predict(self, request: PredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: the caller runs the task again when the model is down (503 model_loading /
@@ -63,8 +65,8 @@ class PredictPipeline:
         label = request.text_prompt or BOX_ONLY_TEXT
         keys = [mask_key(request.user_id, request.task_id)]
         kind = ConceptPrompts([prompt], [label], keys, request.max_instances)
-        body, _ = await self._run(request, kind, retries_model_down)
-        return body[0]
+        body, summary = await self._run(request, kind, retries_model_down)
+        return {**body[0], **_outputs(summary["outputs"])}
 
     async def predict_batch(self, request: BatchPredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: as for `predict`."""
@@ -79,14 +81,15 @@ class PredictPipeline:
             "results": results,
             "total_inference_time_ms": combined["inference_time_ms"],
             "timings": combined["timings"],
+            **_outputs(combined["outputs"]),
         }
 
     async def predict_visual(self, request: VisualPredictRequest, retries_model_down: bool = False) -> dict:
         """One object (points, a box, a refined task): the candidates as instances, best first; the best one's mask
         at mask_url. retries_model_down: as for `predict`."""
         kind = ObjectPrompt(request, mask_key(request.user_id, request.task_id), self.refinements)
-        body, _ = await self._run(request, kind, retries_model_down)
-        return body[0]
+        body, summary = await self._run(request, kind, retries_model_down)
+        return {**body[0], **_outputs(summary["outputs"])}
 
     @staticmethod
     def _prompt(request: PredictOptions, text: str | None) -> Prompt:
@@ -96,7 +99,7 @@ class PredictPipeline:
             score_threshold=request.threshold,
             mask_threshold=request.mask_threshold,
             max_instances=request.max_instances,
-            include_rle=request.include_rle,
+            include_rle=model_needs_rle(request),
         )
 
     async def _run(self, request: TaskOptions, kind: PromptKind, retries_model_down: bool):
@@ -168,20 +171,25 @@ class PredictPipeline:
         clock = time.perf_counter()
         results, labels, keys = outcome["results"], kind.labels, kind.keys
         combined_key = mask_key(request.user_id, request.task_id)
+        combined = results[0] if combined_key in keys else union_of(results)
         uploads = [self._upload(key, result) for key, result in zip(keys, results, strict=True)]
         if combined_key not in keys:
-            uploads.append(self._upload(combined_key, union_of(results)))
-        stored, _ = await asyncio.gather(asyncio.gather(*uploads), self._guard(kind.keep(outcome)))
+            uploads.append(self._upload(combined_key, combined))
+        drawing = self.outputs.make(request, image, results, labels, combined, combined_key)
+        stored, outputs, _ = await asyncio.gather(asyncio.gather(*uploads), drawing, self._guard(kind.keep(outcome)))
         urls = {item.key: item.url for item in stored}
+        if outputs.render_ms is not None:
+            timings["render"] = outputs.render_ms
         timings["upload"] = _ms_since(clock)
 
         model_timings = results[0]["timings"]
         inference_ms = round(model_timings["total"], 2)
         timings = {**{f"model_{k}": v for k, v in model_timings.items()}, **timings}
         timings["total"] = _ms_since(started)
+        polygons = outputs.polygons or [None] * len(results)
         bodies = [
-            _body(request, label, result, key, urls[key], inference_ms, timings)
-            for label, result, key in zip(labels, results, keys, strict=True)
+            _body(request, label, result, key, urls[key], inference_ms, timings, prompt_polygons)
+            for label, result, key, prompt_polygons in zip(labels, results, keys, polygons, strict=True)
         ]
         instances = [instance for body in bodies for instance in body["instances"]]
         summary = {
@@ -189,12 +197,13 @@ class PredictPipeline:
             "mask_key": combined_key,
             "inference_time_ms": inference_ms,
             "timings": timings,
+            "outputs": outputs.urls,
             "task_result": TaskResult(
                 mask_url=urls[combined_key],
                 labels=[instance["label"] for instance in instances],
                 confidence=max((instance["score"] for instance in instances), default=0.0),
                 inference_time_ms=round(inference_ms),
-                result={"results": [_without_rle(body) for body in bodies]},
+                result={"results": [_without_rle(body) for body in bodies], **_outputs(outputs.urls)},
             ),
         }
         return bodies, summary
@@ -233,16 +242,19 @@ def mask_key(user_id: str, task_id: str, index: int | None = None) -> str:
     return f"masks/{user_id}/{task_id}.png" if index is None else f"masks/{user_id}/{task_id}/{index}.png"
 
 
-def _body(request, label, result, key, url, inference_ms, timings) -> dict:
+def _body(request, label, result, key, url, inference_ms, timings, polygons) -> dict:
+    """polygons: per instance, when the request asked for them (else None)."""
+    with_rle = "rle" in request.wanted_outputs
     instances = [
         {
             "label": label,
             "score": round(instance["score"], 6),
             "box": instance["box"],
             "area": instance["area"],
-            **({"rle": instance["rle"]} if request.include_rle else {}),
+            **({"rle": instance["rle"]} if with_rle else {}),
+            **({"polygons": polygons[index]} if polygons is not None else {}),
         }
-        for instance in result["instances"]
+        for index, instance in enumerate(result["instances"])
     ]
     width, height = result["image_size"]
     return {
@@ -257,6 +269,11 @@ def _body(request, label, result, key, url, inference_ms, timings) -> dict:
         "instances": instances,
         "timings": timings,
     }
+
+
+def _outputs(urls: dict[str, str]) -> dict:
+    """The `outputs` key of a response or row result: only when the request asked for a file."""
+    return {"outputs": urls} if urls else {}
 
 
 def _without_rle(body: dict) -> dict:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from backend.api_models import VisualPredictRequest
 from backend.cost import Cost, estimate
+from backend.outputs import model_needs_rle
 from backend.protocol import make_item, make_visual_item, unpack_logits
 from backend.refinement import Refinement, Refinements, image_sha256
 from sam3_runner import BoxPrompt, PointPrompt, Prompt, VisualPrompt
@@ -92,7 +93,7 @@ class ObjectPrompt:
             mask_input=self._refined.mask_input(self._image_sha256) if self._refined else None,
             multimask=request.multimask,
             mask_threshold=request.mask_threshold,
-            include_rle=request.include_rle,
+            include_rle=model_needs_rle(request),
         )
         return make_visual_item(image, prompt, max_pixels)
 

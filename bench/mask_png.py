@@ -23,10 +23,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.masks import PNG_OPTIONS, mask_png  # noqa: E402
 from bench.output import DEFAULT_OUT, save  # noqa: E402
 from bench.rle import object_like_masks  # noqa: E402
 from bench.run import timed  # noqa: E402
+from renderers.png import PNG_OPTIONS, mask_png  # noqa: E402
 
 
 def pillow_default(mask: np.ndarray) -> bytes:

@@ -65,6 +65,8 @@ def test_bento_image_is_cuda_capable_with_the_model_stack(bento):
         "supabase",
         "fastapi-offline",
         "standardwebhooks",
+        "opencv-python-headless",
+        "supervision",
     ):
         assert package in requirements
 
@@ -80,6 +82,7 @@ def test_bento_carries_the_code(bento):
         "backend/pipeline.py",
         "webhooks/sender.py",
         "jobs/runner.py",
+        "renderers/render.py",
     ):
         assert (source / path).is_file(), path
     assert not (source / "tests").exists()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.masks import mask_png
 from backend.protocol import item_visual, make_item, make_visual_item, pack_logits, union_of, unpack_logits, unpack_mask
+from renderers import mask_png
 from sam3_runner import BoxPrompt, PointPrompt, Prompt, VisualPrompt
 
 

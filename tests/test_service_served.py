@@ -140,6 +140,30 @@ def test_batch_round_trip(server, storage_dir, image_key):
     assert np.array_equal(combined, np.logical_or.reduce(per_prompt))
 
 
+@pytest.mark.parametrize("path", ["/api/v1/predict", "/api/v1/predict/batch"])
+def test_outputs_round_trip(server, storage_dir, image_key, path):
+    request = body(image_key, threshold=0.0, max_instances=2, outputs=["polygons", "instance_map", "cutout", "overlay"])
+    if path.endswith("batch"):
+        request["prompts"] = [request.pop("text_prompt"), "tree"]
+    response = post(server, path, request)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    stem = f"masks/user-1/{request['task_id']}"
+    assert result["outputs"] == {
+        "instance_map_url": (storage_dir / f"{stem}.instances.png").as_uri(),
+        "cutout_url": (storage_dir / f"{stem}.cutout.png").as_uri(),
+        "overlay_url": (storage_dir / f"{stem}.overlay.jpg").as_uri(),
+    }
+    values = np.array(Image.open(storage_dir / f"{stem}.instances.png"))
+    union = np.array(Image.open(storage_dir / result["mask_key"])) == 255
+    assert values.shape == (120, 200) and np.array_equal(values > 0, union)
+    assert Image.open(storage_dir / f"{stem}.cutout.png").mode == "RGBA"
+    assert Image.open(storage_dir / f"{stem}.overlay.jpg").size == (200, 120)
+    instances = result["instances"] if "instances" in result else result["results"][0]["instances"]
+    assert all(set(i) == {"label", "score", "box", "area", "polygons"} for i in instances)
+    assert all(set(part) == {"exterior", "holes"} for i in instances for part in i["polygons"])
+
+
 def test_nothing_found_is_a_success_with_zero_confidence(server, image_key):
     result = post(server, "/api/v1/predict", body(image_key, threshold=1.0)).json()
     assert result["num_instances"] == 0 and result["confidence"] == 0 and result["labels"] == []
@@ -374,6 +398,32 @@ def test_openapi_says_rle_is_optional_not_null(server):
     assert instance["properties"]["rle"]["type"] == "object" and "anyOf" not in instance["properties"]["rle"]
 
 
+def test_openapi_shows_the_outputs_with_their_types(server):
+    schemas = httpx.get(f"{server.url}/api/v1/openapi.json", headers=HEADERS).json()["components"]["schemas"]
+    for request in ("PredictRequest", "BatchPredictRequest"):
+        fields = schemas[request]["properties"]
+        assert fields["outputs"]["type"] == "array" and fields["outputs"]["maxItems"] == 5
+        assert fields["outputs"]["items"]["enum"] == ["rle", "polygons", "instance_map", "cutout", "overlay"]
+        tolerance = fields["polygon_tolerance"]
+        assert (tolerance["type"], tolerance["default"], tolerance["minimum"]) == ("number", 1.0, 0)
+    polygons = schemas["InstanceOut"]["properties"]["polygons"]
+    assert polygons["type"] == "array" and polygons["items"] == {"$ref": "#/components/schemas/Polygon"}
+    assert "polygons" not in schemas["InstanceOut"]["required"]
+    assert set(schemas["Polygon"]["required"]) == {"exterior", "holes"}
+    point = schemas["Polygon"]["properties"]["exterior"]["items"]
+    assert point["type"] == "array" and point["prefixItems"] == [{"type": "integer"}] * 2
+    files = schemas["OutputFiles"]
+    assert "required" not in files
+    assert {name: kind["type"] for name, kind in files["properties"].items()} == {
+        "instance_map_url": "string",
+        "cutout_url": "string",
+        "overlay_url": "string",
+    }
+    for response in ("PredictResponse", "BatchPredictResponse"):
+        assert schemas[response]["properties"]["outputs"]["$ref"] == "#/components/schemas/OutputFiles"
+        assert "outputs" not in schemas[response]["required"]
+
+
 def test_swagger_page_loads_its_assets_from_the_server_without_a_key(server):
     """A browser opens the page with no key (it sends the key only through "Authorize"); the operations need it."""
     page = httpx.get(f"{server.url}/api/v1/docs")
@@ -479,7 +529,18 @@ def test_a_huge_box_is_refused_and_its_neighbours_are_answered(server, image_key
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("threshold", True), ("mask_threshold", "0.3"), ("include_rle", "false"), ("max_instances", "5")],
+    [
+        ("threshold", True),
+        ("mask_threshold", "0.3"),
+        ("include_rle", "false"),
+        ("max_instances", "5"),
+        ("outputs", "polygons"),
+        ("outputs", ["svg"]),
+        ("outputs", ["rle", "polygons", "cutout", "overlay", "instance_map", "rle"]),
+        ("polygon_tolerance", "1"),
+        ("polygon_tolerance", -0.5),
+        ("polygon_tolerance", 101),
+    ],
 )
 def test_an_option_of_the_wrong_type_is_422_invalid_option(server, image_key, field, value):
     """Lax coercion answered another request than the one sent (`"threshold": true` became 1.0: no instance)."""

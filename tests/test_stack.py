@@ -95,6 +95,27 @@ def test_the_row_keeps_no_rle_and_include_rle_false_drops_it_from_the_response(s
     assert len(row_instances) == 2 and all(set(i) == {"label", "score", "box", "area"} for i in row_instances)
 
 
+def test_outputs_land_in_r2_under_keys_beside_the_mask_and_in_the_row(stack_server, r2, supabase, bucket):
+    task_id, user_id = new_task_row(supabase)
+    request = {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id}
+    outputs = ["polygons", "instance_map", "cutout", "overlay"]
+    response = predict(stack_server, {**request, "threshold": 0.0, "max_instances": 2, "outputs": outputs})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    stem = f"masks/{user_id}/{task_id}"
+    files = {"instance_map_url": ".instances.png", "cutout_url": ".cutout.png", "overlay_url": ".overlay.jpg"}
+    urls = {field: f"{r2['R2_ENDPOINT_URL']}/{r2['R2_BUCKET']}/{stem}{end}" for field, end in files.items()}
+    assert result["outputs"] == urls
+    types = {".instances.png": "image/png", ".cutout.png": "image/png", ".overlay.jpg": "image/jpeg"}
+    for end, content_type in types.items():
+        stored = bucket.get_object(Bucket=r2["R2_BUCKET"], Key=stem + end)
+        assert stored["ContentType"] == content_type
+        Image.open(io.BytesIO(stored["Body"].read())).load()
+    row = task_row(supabase, task_id)
+    assert row["status"] == "completed" and row["result"]["outputs"] == result["outputs"]
+    assert all("polygons" in instance for instance in row["result"]["results"][0]["instances"])
+
+
 def test_same_task_twice_is_idempotent(stack_server, r2, supabase, bucket):
     task_id, user_id = new_task_row(supabase)
     request = {"image_url": "images/in.jpg", "text_prompt": "car", "user_id": user_id, "task_id": task_id}

@@ -136,9 +136,21 @@ export interface components {
             mask_threshold?: number;
             /**
              * Include Rle
+             * @description false: no "rle", whatever outputs says
              * @default true
              */
             include_rle?: boolean;
+            /**
+             * Outputs
+             * @description What to produce (order and repeats do not matter); absent: ["rle"]. See the contract's Outputs
+             */
+            outputs?: ("rle" | "polygons" | "instance_map" | "cutout" | "overlay")[];
+            /**
+             * Polygon Tolerance
+             * @description Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every corner
+             * @default 1
+             */
+            polygon_tolerance?: number;
             /**
              * Async
              * @description Answer 202 at once and run in the background (docs: Async jobs)
@@ -181,6 +193,11 @@ export interface components {
             timings: {
                 [key: string]: number;
             };
+            /**
+             * Outputs
+             * @description The files outputs asked for, one set for all prompts; absent when it asked for none
+             */
+            outputs?: components["schemas"]["OutputFiles"];
         };
         /**
          * Box
@@ -248,6 +265,11 @@ export interface components {
             rle?: {
                 [key: string]: unknown;
             };
+            /**
+             * Polygons
+             * @description Present when outputs has "polygons": one per separate part of the mask
+             */
+            polygons?: components["schemas"]["Polygon"][];
         };
         /**
          * JobAccepted
@@ -284,6 +306,27 @@ export interface components {
             y2: number;
         };
         /**
+         * OutputFiles
+         * @description The files `outputs` asked for (each key only when asked), in R2 beside the mask PNG.
+         */
+        OutputFiles: {
+            /**
+             * Instance Map Url
+             * @description PNG, the image's size: pixel value i is instance i (1-based), 0 background; 16-bit past 255
+             */
+            instance_map_url?: string;
+            /**
+             * Cutout Url
+             * @description RGBA PNG: the image cropped to the instances' union, alpha = the union
+             */
+            cutout_url?: string;
+            /**
+             * Overlay Url
+             * @description JPEG preview, long side at most 1024 px: masks, outlines, boxes, captions
+             */
+            overlay_url?: string;
+        };
+        /**
          * Point
          * @description A tap on the object to segment, in pixels of the image as displayed (EXIF orientation applied), like boxes:
          *     `positive` means "this is the object", `negative` "this is not part of it".
@@ -299,6 +342,28 @@ export interface components {
              * @enum {string}
              */
             label?: "positive" | "negative";
+        };
+        /**
+         * Polygon
+         * @description One separate part of an instance's mask (docs/api-contract.md, Outputs: pixel convention).
+         */
+        Polygon: {
+            /**
+             * Exterior
+             * @description [[x, y], ...]: the part's outline, original-image pixels
+             */
+            exterior: [
+                number,
+                number
+            ][];
+            /**
+             * Holes
+             * @description the outlines of the part's holes, as exterior
+             */
+            holes: [
+                number,
+                number
+            ][][];
         };
         /** PredictRequest */
         PredictRequest: {
@@ -322,9 +387,21 @@ export interface components {
             mask_threshold?: number;
             /**
              * Include Rle
+             * @description false: no "rle", whatever outputs says
              * @default true
              */
             include_rle?: boolean;
+            /**
+             * Outputs
+             * @description What to produce (order and repeats do not matter); absent: ["rle"]. See the contract's Outputs
+             */
+            outputs?: ("rle" | "polygons" | "instance_map" | "cutout" | "overlay")[];
+            /**
+             * Polygon Tolerance
+             * @description Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every corner
+             * @default 1
+             */
+            polygon_tolerance?: number;
             /**
              * Async
              * @description Answer 202 at once and run in the background (docs: Async jobs)
@@ -377,6 +454,11 @@ export interface components {
             timings: {
                 [key: string]: number;
             };
+            /**
+             * Outputs
+             * @description The files outputs asked for; absent when it asked for none (and in a batch's results)
+             */
+            outputs?: components["schemas"]["OutputFiles"];
         };
         /**
          * TaskStatus
@@ -439,9 +521,21 @@ export interface components {
             mask_threshold?: number;
             /**
              * Include Rle
+             * @description false: no "rle", whatever outputs says
              * @default true
              */
             include_rle?: boolean;
+            /**
+             * Outputs
+             * @description What to produce (order and repeats do not matter); absent: ["rle"]. See the contract's Outputs
+             */
+            outputs?: ("rle" | "polygons" | "instance_map" | "cutout" | "overlay")[];
+            /**
+             * Polygon Tolerance
+             * @description Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every corner
+             * @default 1
+             */
+            polygon_tolerance?: number;
             /**
              * Async
              * @description Answer 202 at once and run in the background (docs: Async jobs)
