@@ -145,6 +145,13 @@ class InstanceOut(BaseModel):
     )
 
 
+CACHE_MARKER = (
+    "hit: the image was not encoded for this request: the model worker's image cache had its encoding (or a request "
+    "batched with it on the same image encoded it), so model_preprocess and model_vision are 0, and model_decode "
+    "is 0 when the cache had it on arrival; miss: the vision encoder ran for it"
+)
+
+
 class ImageSize(BaseModel):
     width: int
     height: int
@@ -161,6 +168,7 @@ class PredictResponse(BaseModel):
     image: ImageSize
     instances: list[InstanceOut]
     timings: dict[str, float]
+    cache: Literal["hit", "miss"] = Field(description=CACHE_MARKER)
 
 
 class BatchPredictResponse(BaseModel):
@@ -170,6 +178,7 @@ class BatchPredictResponse(BaseModel):
     results: list[PredictResponse]
     total_inference_time_ms: float
     timings: dict[str, float]
+    cache: Literal["hit", "miss"] = Field(description=CACHE_MARKER)
 
 
 class ErrorDetail(BaseModel):

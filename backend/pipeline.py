@@ -20,7 +20,7 @@ from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarke
 from backend.masks import mask_png
 from backend.protocol import box_prompts, make_item, union_of, unpack_mask
 from sam3_runner import BOX_ONLY_TEXT, Prompt
-from storage import ObjectStore
+from storage import ImageObject, ObjectStore
 from tasks import TaskResult, TaskStore
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class PredictPipeline:
             "results": results,
             "total_inference_time_ms": combined["inference_time_ms"],
             "timings": combined["timings"],
+            "cache": combined["cache"],
         }
 
     @staticmethod
@@ -130,19 +131,20 @@ class PredictPipeline:
             await self._record_failure(request.task_id, "internal_error: the server failed while processing")
             raise ApiError(500, "internal_error", "the server failed while processing this request") from None
 
-    async def _download(self, image_url: str) -> tuple[bytes, float]:
+    async def _download(self, image_url: str) -> tuple[ImageObject, float]:
         clock = time.perf_counter()
         key = await self._guard(asyncio.to_thread(self.store.resolve_image_key, image_url))
         image = await self._guard(asyncio.to_thread(self.store.get_image, key, self.limits.max_image_bytes))
         return image, _ms_since(clock)
 
-    async def _process(self, request, image, download_ms, prompts, labels, keys, started):
+    async def _process(self, request, image: ImageObject, download_ms, prompts, labels, keys, started):
         timings: dict[str, float] = {"download": download_ms}
-        cost = estimate(image, len(prompts), request.max_instances)
+        cost = estimate(image.data, len(prompts), request.max_instances)
         refuse_if_too_heavy(cost, self.limits.max_request_megapixels)
         sliced = cost is not None and cost.megapixels > self.limits.heavy_request_megapixels
         clock = time.perf_counter()
-        outcome = await self._call_model(make_item(image, prompts, self.limits.max_image_pixels), sliced)
+        item = make_item(image.data, prompts, self.limits.max_image_pixels, image.identity)
+        outcome = await self._call_model(item, sliced)
         timings["model"] = _ms_since(clock)
 
         clock = time.perf_counter()
@@ -169,6 +171,7 @@ class PredictPipeline:
             "mask_key": combined_key,
             "inference_time_ms": inference_ms,
             "timings": timings,
+            "cache": results[0]["cache"],
             "task_result": TaskResult(
                 mask_url=urls[combined_key],
                 labels=[instance["label"] for instance in instances],
@@ -236,6 +239,7 @@ def _body(request, label, result, key, url, inference_ms, timings) -> dict:
         "image": {"width": width, "height": height},
         "instances": instances,
         "timings": timings,
+        "cache": result["cache"],
     }
 
 

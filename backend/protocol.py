@@ -13,8 +13,15 @@ import numpy as np
 from sam3_runner import BoxPrompt, Prompt, PromptResult
 
 
-def make_item(image: bytes, prompts: list[Prompt], max_pixels: int) -> dict:
-    return {"image": image, "prompts": [asdict(prompt) for prompt in prompts], "max_pixels": max_pixels}
+def make_item(image: bytes, prompts: list[Prompt], max_pixels: int, image_identity: str | None = None) -> dict:
+    """`image_identity`: the stored object's identity and version (equal identities, equal bytes), under which the
+    model service caches the image's encoding; None (not a stored object) is never cached."""
+    return {
+        "image": image,
+        "prompts": [asdict(prompt) for prompt in prompts],
+        "max_pixels": max_pixels,
+        "image_identity": image_identity,
+    }
 
 
 def addressed(item: dict, request_id: str, deadline: float) -> dict:
@@ -40,6 +47,7 @@ def success(results: list[PromptResult], decode_ms: float) -> dict:
                 "mask_bits": np.packbits(result.union_mask, axis=None).tobytes(),
                 "image_size": list(result.image_size),
                 "timings": {**result.timings_ms, "decode": round(decode_ms, 3)},
+                "cache": "hit" if result.cached_image else "miss",
             }
             for result in results
         ],

@@ -180,7 +180,7 @@ def test_without_compilation_a_model_failure_reaches_the_caller_unretried(engine
         calls.append(1)
         raise RuntimeError("vision encoder failed")
 
-    monkeypatch.setattr(engine.model.vision_encoder, "forward", broken_forward)
+    monkeypatch.setattr(engine.model.vision_encoder.backbone, "forward", broken_forward)
     with pytest.raises(RuntimeError, match="vision encoder failed"):
         engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])
     assert len(calls) == 1 and "compile_error" not in engine.acceleration
