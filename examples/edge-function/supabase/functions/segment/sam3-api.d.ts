@@ -161,6 +161,12 @@ export interface components {
             timings: {
                 [key: string]: number;
             };
+            /**
+             * Cache
+             * @description hit: the image was not encoded for this request: the model worker's image cache had its encoding (or a request batched with it on the same image encoded it), so model_preprocess and model_vision are 0, and model_decode is 0 when the cache had it on arrival; miss: the vision encoder ran for it
+             * @enum {string}
+             */
+            cache: "hit" | "miss";
         };
         /**
          * Box
@@ -325,6 +331,12 @@ export interface components {
             timings: {
                 [key: string]: number;
             };
+            /**
+             * Cache
+             * @description hit: the image was not encoded for this request: the model worker's image cache had its encoding (or a request batched with it on the same image encoded it), so model_preprocess and model_vision are 0, and model_decode is 0 when the cache had it on arrival; miss: the vision encoder ran for it
+             * @enum {string}
+             */
+            cache: "hit" | "miss";
         };
         /**
          * TaskStatus
