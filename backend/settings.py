@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     sam3_jpeg_decode: Literal["cpu", "device"] = "cpu"
     # Each model worker keeps the vision trunk's output of recent images (by object identity and version) on its
     # device, so another prompt on the same photo skips decoding and the ViT. Bounded in MB; 0 turns it off; unset:
-    # 1024 on a GPU (~96 full-size images in bf16 at 10.6 MB each), 256 on the CPU (~12 in fp32 at 21.2 MB each).
+    # 1024 on a GPU (~100 full-size images in bf16 at 10.6 MB each), 256 on the CPU (~12 in fp32 at 21.2 MB each).
     image_cache_mb: int | None = Field(None, ge=0)
 
     # R2 (S3 API). With no endpoint and bucket, masks and images live under LOCAL_STORAGE_DIR.

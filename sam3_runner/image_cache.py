@@ -2,9 +2,9 @@
 
 What is kept per image is the ViT trunk's output (`Sam3VisionEncoderOutput.last_hidden_state` of one image: at full
 size 72x72 tokens x 1024 channels, 10.6 MB in bf16), on the model's device, and the image's display size (what
-post-processing needs instead of the pixels). The FPN neck is recomputed from it on every request: its outputs are
-5.2x the trunk's bytes (levels 288/144/72/36 x 256 channels) for a few per cent of the vision time
-(bench/image_cache.py measures both).
+post-processing needs instead of the pixels). The FPN neck is recomputed from it on every request: the levels the
+detector reads (288/144/72 x 256 channels) are 5.25x the trunk's bytes and the neck took 2.4% of the vision time
+(bench/image_cache.py, full size on the CPU: `bench/results/2026-11-30-x86_64-2-cores-image-cache.json`).
 
 Keys are the object's identity and version (the gateway's `image_identity`: bucket, key and ETag, or a content
 hash), so an overwritten object is never answered from the old entry.
