@@ -69,7 +69,7 @@ class Sam3Engine:
         self._neck: Callable = self.model.vision_encoder.neck
         patch = self.model.config.vision_config.backbone_config.patch_size
         size = self.processor.image_processor.size
-        self._grid = (size["height"] // patch, size["width"] // patch)  # the trunk's tokens per column and row
+        self._grid = (size["height"] // patch, size["width"] // patch)  # (rows, columns) of the trunk's token grid
         self._graphed_heads: Callable | None = None
         self._pair_buckets = pair_buckets(max_pairs_per_forward)
         self.acceleration: dict = {"compile": "off", "warm_up_s": 0.0}
