@@ -257,6 +257,7 @@ class Gateway:
             "max_latency_ms": settings.max_latency_ms,
             "gpu_available": status["gpu_available"],
             "text_cache": status["text_cache"],
+            "image_cache": status["image_cache"],
             "batching": status["batching"],
             "acceleration": status["acceleration"],
             "storage": self.pipeline.store.name,

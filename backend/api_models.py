@@ -260,6 +260,13 @@ class InstanceOut(BaseModel):
     )
 
 
+CACHE_MARKER = (
+    "hit: the image was not encoded for this request: the model worker's image cache had its encoding (or a request "
+    "batched with it on the same image encoded it), so model_preprocess and model_vision are 0, and model_decode "
+    "is 0 when the cache had it on arrival; miss: the vision encoder ran for it"
+)
+
+
 class ImageSize(BaseModel):
     width: int
     height: int
@@ -296,11 +303,7 @@ class PredictResponse(BaseModel):
     image: ImageSize
     instances: list[InstanceOut]
     timings: dict[str, float]
-    outputs: OutputFiles | SkipJsonSchema[None] = Field(
-        None,
-        description="The files outputs asked for; absent when it asked for none (and in a batch's results)",
-        json_schema_extra=lambda schema: schema.pop("default", None),
-    )
+    cache: Literal["hit", "miss"] = Field(description=CACHE_MARKER)
 
 
 class BatchPredictResponse(BaseModel):
@@ -310,11 +313,7 @@ class BatchPredictResponse(BaseModel):
     results: list[PredictResponse]
     total_inference_time_ms: float
     timings: dict[str, float]
-    outputs: OutputFiles | SkipJsonSchema[None] = Field(
-        None,
-        description="The files outputs asked for, one set for all prompts; absent when it asked for none",
-        json_schema_extra=lambda schema: schema.pop("default", None),
-    )
+    cache: Literal["hit", "miss"] = Field(description=CACHE_MARKER)
 
 
 class ErrorDetail(BaseModel):

@@ -24,7 +24,7 @@ from backend.protocol import box_prompts, union_of, unpack_mask
 from backend.refinement import Refinements
 from renderers import mask_png
 from sam3_runner import BOX_ONLY_TEXT, Prompt
-from storage import ObjectStore
+from storage import ImageObject, ObjectStore
 from tasks import TaskResult, TaskStore
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class PredictPipeline:
             "results": results,
             "total_inference_time_ms": combined["inference_time_ms"],
             "timings": combined["timings"],
-            **_outputs(combined["outputs"]),
+            "cache": combined["cache"],
         }
 
     async def predict_visual(self, request: VisualPredictRequest, retries_model_down: bool = False) -> dict:
@@ -140,7 +140,7 @@ class PredictPipeline:
             await self._record_failure(request.task_id, "internal_error: the server failed while processing")
             raise ApiError(500, "internal_error", "the server failed while processing this request") from None
 
-    async def _inputs(self, image_url: str, kind: PromptKind) -> tuple[bytes, float]:
+    async def _inputs(self, image_url: str, kind: PromptKind) -> tuple[ImageObject, float]:
         """The image and the download's ms, with what the prompt kind needs besides it fetched meanwhile; when both
         fail, the image's error is the answer."""
         extra = asyncio.ensure_future(self._guard(kind.fetch()))
@@ -152,18 +152,18 @@ class PredictPipeline:
         await extra
         return downloaded
 
-    async def _download(self, image_url: str) -> tuple[bytes, float]:
+    async def _download(self, image_url: str) -> tuple[ImageObject, float]:
         clock = time.perf_counter()
         key = await self._guard(asyncio.to_thread(self.store.resolve_image_key, image_url))
         image = await self._guard(asyncio.to_thread(self.store.get_image, key, self.limits.max_image_bytes))
         return image, _ms_since(clock)
 
-    async def _process(self, request: TaskOptions, kind: PromptKind, image: bytes, download_ms: float, started):
+    async def _process(self, request: TaskOptions, kind: PromptKind, image: ImageObject, download_ms: float, started):
         timings: dict[str, float] = {"download": download_ms}
-        cost = kind.cost(image)
+        cost = kind.cost(image.data)
         refuse_if_too_heavy(cost, self.limits.max_request_megapixels)
         sliced = cost is not None and cost.megapixels > self.limits.heavy_request_megapixels
-        item = await kind.item(image, self.limits.max_image_pixels)
+        item = await kind.item(image.data, self.limits.max_image_pixels, image.identity)
         clock = time.perf_counter()
         outcome = await self._call_model(item, sliced)
         timings["model"] = _ms_since(clock)
@@ -175,7 +175,7 @@ class PredictPipeline:
         uploads = [self._upload(key, result) for key, result in zip(keys, results, strict=True)]
         if combined_key not in keys:
             uploads.append(self._upload(combined_key, combined))
-        drawing = self.outputs.make(request, image, results, labels, combined, combined_key)
+        drawing = self.outputs.make(request, image.data, results, labels, combined, combined_key)
         stored, outputs, _ = await asyncio.gather(asyncio.gather(*uploads), drawing, self._guard(kind.keep(outcome)))
         urls = {item.key: item.url for item in stored}
         if outputs.render_ms is not None:
@@ -197,7 +197,7 @@ class PredictPipeline:
             "mask_key": combined_key,
             "inference_time_ms": inference_ms,
             "timings": timings,
-            "outputs": outputs.urls,
+            "cache": results[0]["cache"],
             "task_result": TaskResult(
                 mask_url=urls[combined_key],
                 labels=[instance["label"] for instance in instances],
@@ -268,6 +268,7 @@ def _body(request, label, result, key, url, inference_ms, timings, polygons) -> 
         "image": {"width": width, "height": height},
         "instances": instances,
         "timings": timings,
+        "cache": result["cache"],
     }
 
 

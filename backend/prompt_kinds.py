@@ -35,8 +35,9 @@ class PromptKind(Protocol):
     def cost(self, image: bytes) -> Cost | None:
         """What the request may cost (backend/cost.py)."""
 
-    async def item(self, image: bytes, max_pixels: int) -> dict:
-        """The model service's item (backend/protocol.py); raises the contract's ApiError."""
+    async def item(self, image: bytes, max_pixels: int, image_identity: str | None) -> dict:
+        """The model service's item (backend/protocol.py); `image_identity` keys the model's image cache (storage/'s
+        ImageObject.identity). Raises the contract's ApiError."""
 
     async def keep(self, outcome: dict) -> None:
         """Store what this task leaves for later tasks."""
@@ -57,8 +58,8 @@ class ConceptPrompts:
     def cost(self, image: bytes) -> Cost | None:
         return estimate(image, len(self.prompts), self.max_instances)
 
-    async def item(self, image: bytes, max_pixels: int) -> dict:
-        return make_item(image, self.prompts, max_pixels)
+    async def item(self, image: bytes, max_pixels: int, image_identity: str | None) -> dict:
+        return make_item(image, self.prompts, max_pixels, image_identity)
 
     async def keep(self, outcome: dict) -> None:
         return None
@@ -83,7 +84,7 @@ class ObjectPrompt:
     def cost(self, image: bytes) -> Cost | None:
         return estimate(image, 1, MAX_CANDIDATES)
 
-    async def item(self, image: bytes, max_pixels: int) -> dict:
+    async def item(self, image: bytes, max_pixels: int, image_identity: str | None) -> dict:
         self._image_sha256 = await asyncio.to_thread(image_sha256, image)
         request = self.request
         box = request.box
@@ -95,7 +96,7 @@ class ObjectPrompt:
             mask_threshold=request.mask_threshold,
             include_rle=model_needs_rle(request),
         )
-        return make_visual_item(image, prompt, max_pixels)
+        return make_visual_item(image, prompt, max_pixels, image_identity)
 
     async def keep(self, outcome: dict) -> None:
         logits = unpack_logits(outcome["mask_logits"])

@@ -21,17 +21,26 @@ LOGITS_DTYPE = "float16"
 _LOGITS_BYTES = np.dtype("<f2")  # float16, little-endian on every machine
 
 
-def make_item(image: bytes, prompts: list[Prompt], max_pixels: int) -> dict:
-    return {"image": image, "prompts": [asdict(prompt) for prompt in prompts], "max_pixels": max_pixels}
+def make_item(image: bytes, prompts: list[Prompt], max_pixels: int, image_identity: str | None = None) -> dict:
+    """`image_identity`: the stored object's identity and version (equal identities, equal bytes), under which the
+    model service caches the image's encoding; None (not a stored object) is never cached."""
+    return {
+        "image": image,
+        "prompts": [asdict(prompt) for prompt in prompts],
+        "max_pixels": max_pixels,
+        "image_identity": image_identity,
+    }
 
 
-def make_visual_item(image: bytes, visual: VisualPrompt, max_pixels: int) -> dict:
+def make_visual_item(image: bytes, visual: VisualPrompt, max_pixels: int, image_identity: str | None = None) -> dict:
     """An item with one visual prompt: {"image", "max_pixels", "prompts": [], "visual": {"points": [{"x", "y",
     "positive"}], "box": {"x1", "y1", "x2", "y2", "positive"} | None, "mask_input": packed logits | None, "multimask",
-    "mask_threshold", "include_rle"}} (packed logits: see pack_logits)."""
+    "mask_threshold", "include_rle"}, "image_identity"} (packed logits: see pack_logits; image_identity: as in
+    make_item)."""
     return {
         "image": image,
         "max_pixels": max_pixels,
+        "image_identity": image_identity,
         "prompts": [],
         "visual": {
             "points": [asdict(point) for point in visual.points],
@@ -95,6 +104,7 @@ def success(results: list[PromptResult], decode_ms: float) -> dict:
                 "mask_bits": np.packbits(result.union_mask, axis=None).tobytes(),
                 "image_size": list(result.image_size),
                 "timings": {**result.timings_ms, "decode": round(decode_ms, 3)},
+                "cache": "hit" if result.cached_image else "miss",
             }
             for result in results
         ],

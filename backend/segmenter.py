@@ -1,5 +1,6 @@
-"""The model service's work: load SAM 3 in the background, decode a batch's images in parallel, run them
-through the engine together, and answer per item, so one bad image or one failed job never fails the batch."""
+"""The model service's work: load SAM 3 in the background, decode a batch's images in parallel (an image whose
+encoding the image cache holds is not decoded), run them through the engine together, and answer per item, so one
+bad image or one failed job never fails the batch."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from backend.settings import Settings
 from sam3_runner import (
     Abandoned,
     BoxPrompt,
-    DecodedImage,
     ImageDecodeError,
     ImageTooLarge,
     Job,
@@ -30,6 +30,7 @@ from sam3_runner import (
     load_model,
 )
 from sam3_runner.acceleration import CompileOptions, use_compile_cache
+from sam3_runner.image_cache import ImageCache
 from sam3_runner.loading import check_weights_reference
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Segmenter:
                 "hits": engine.text_cache.hits,
                 "misses": engine.text_cache.misses,
             }
+            status["image_cache"] = engine.image_cache.stats()
         return status
 
     def segment(self, items: list[dict]) -> list[dict]:
@@ -136,14 +138,15 @@ class Segmenter:
         return failure("model_loading", "the model is still loading; retry shortly")
 
     def _preparing(self, engine: Sam3Engine):
-        """item -> (job, decode ms, failure): decoded where SAM3_JPEG_DECODE says; nothing for an abandoned item,
-        nor for a visual one when the weights hold no tracker."""
+        """item -> (job, decode ms, failure): decoded where SAM3_JPEG_DECODE says, unless the image cache holds the
+        item's image; nothing for an abandoned item, nor for a visual one when the weights hold no tracker."""
         device = engine.device if self._settings.sam3_jpeg_decode == "device" else torch.device("cpu")
         return partial(
             _prepare,
             device=device,
             stop=self._stop_if_abandoned,
             cancelled=self._cancelled,
+            cache=engine.image_cache,
             visual_prompts=engine.loaded.visual_prompts,
         )
 
@@ -200,6 +203,7 @@ class Segmenter:
                 settings.text_cache_size,
                 settings.max_pairs_per_forward,
                 CompileOptions.parse(settings.sam3_compile),
+                settings.image_cache_bytes(loaded.device.type),
             )
         except WeightsError as exc:
             self._load_error = str(exc)
@@ -218,21 +222,32 @@ def worker_device(requested: str, worker_index: int) -> str:
 
 
 def _prepare(
-    item: dict, device: torch.device, stop, cancelled, visual_prompts: bool
+    item: dict, device: torch.device, stop, cancelled, cache: ImageCache, visual_prompts: bool
 ) -> tuple[Job | None, float, dict | None]:
     """One item's job and decode time, or its failure: whatever goes wrong here is this item's failure alone.
-    `stop(item)`: the failure of an item abandoned before its decoding, else None."""
+    `stop(item)`: the failure of an item abandoned before its decoding, else None.
+
+    An item whose `image_identity` the image cache holds is not decoded: its job carries the cache entry (which
+    stays valid if the cache evicts it before the job runs). Any other item is decoded; the engine still looks its
+    identity up again, so an image another batch has encoded meanwhile is not encoded twice."""
     if stopped := stop(item):
         return None, 0.0, stopped
     if item.get("visual") is not None and not visual_prompts:
         return None, 0.0, failure("visual_prompts_unavailable", VISUAL_PROMPTS_UNAVAILABLE)
     started = time.perf_counter()
+    identity = item.get("image_identity")
     try:
-        image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)
-        decode_ms = (time.perf_counter() - started) * 1000
+        encoded = cache.get(identity) if identity else None
+        if encoded is None:
+            image = decode_image(item["image"], max_pixels=item["max_pixels"], device=device)
+            decode_ms = (time.perf_counter() - started) * 1000
+            pixels, width, height = image.pixels, image.width, image.height
+        else:
+            _check_pixels(encoded.width, encoded.height, item["max_pixels"])
+            decode_ms, pixels, width, height = 0.0, None, encoded.width, encoded.height
         prompts = item_prompts(item)
         visual = item_visual(item)
-        error = _box_error(prompts, image) if visual is None else _visual_error(visual, image)
+        error = _box_error(prompts, width, height) if visual is None else _visual_error(visual, width, height)
     except ImageTooLarge as exc:
         return None, 0.0, failure("image_too_large", str(exc))
     except ImageDecodeError as exc:
@@ -242,10 +257,17 @@ def _prepare(
         return None, 0.0, failure("internal_error", f"the request could not be prepared ({type(exc).__name__})")
     if error:
         return None, 0.0, error
-    return Job(image.pixels, prompts, abandoned=partial(abandoned, item, cancelled), visual=visual), decode_ms, None
+    job = Job(pixels, prompts, partial(abandoned, item, cancelled), visual=visual, image_key=identity, encoded=encoded)
+    return job, decode_ms, None
 
 
-def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """A cached image was decoded under its own request's limit: this request's limit still applies."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+
+
+def _box_error(prompts: list[Prompt], width: int, height: int) -> dict | None:
     """Each box must overlap the image: it may run past the right or bottom edge (the model gets it as drawn, like
     Meta's reference), but must start inside it (x1, y1 >= 0 and x2 > x1, y2 > y1 are checked at the edge), and
     may end at most MAX_BOX_OVERHANG image widths (heights) from the left (top) edge: box pooling (torchvision's
@@ -254,31 +276,31 @@ def _box_error(prompts: list[Prompt], image: DecodedImage) -> dict | None:
     pooling call took 0.15 s at 10x the image, 6.4 s at 60x)."""
     for prompt in prompts:
         for index, box in enumerate(prompt.boxes):
-            if error := _one_box_error(index, box, image):
+            if error := _one_box_error(index, box, width, height):
                 return error
     return None
 
 
-def _one_box_error(index: int, box: BoxPrompt, image: DecodedImage) -> dict | None:
-    if box.x1 >= image.width or box.y1 >= image.height:
-        return failure("invalid_box", f"box {index} does not overlap the {image.width}x{image.height} image")
-    if box.x2 > MAX_BOX_OVERHANG * image.width or box.y2 > MAX_BOX_OVERHANG * image.height:
+def _one_box_error(index: int, box: BoxPrompt, width: int, height: int) -> dict | None:
+    if box.x1 >= width or box.y1 >= height:
+        return failure("invalid_box", f"box {index} does not overlap the {width}x{height} image")
+    if box.x2 > MAX_BOX_OVERHANG * width or box.y2 > MAX_BOX_OVERHANG * height:
         return failure(
             "invalid_box",
-            f"box {index} runs too far past the {image.width}x{image.height} image "
-            f"(x2 <= {MAX_BOX_OVERHANG * image.width}, y2 <= {MAX_BOX_OVERHANG * image.height})",
+            f"box {index} runs too far past the {width}x{height} image "
+            f"(x2 <= {MAX_BOX_OVERHANG * width}, y2 <= {MAX_BOX_OVERHANG * height})",
         )
     return None
 
 
-def _visual_error(visual: VisualPrompt, image: DecodedImage) -> dict | None:
+def _visual_error(visual: VisualPrompt, width: int, height: int) -> dict | None:
     """Points must lie on the image (display orientation, like boxes): 0 <= x < width, 0 <= y < height, pixels;
     the box is checked as a concept prompt's boxes are (_box_error)."""
     for index, point in enumerate(visual.points):
-        if not (0 <= point.x < image.width and 0 <= point.y < image.height):
+        if not (0 <= point.x < width and 0 <= point.y < height):
             return failure(
                 "invalid_point",
-                f"point {index} ({point.x:g}, {point.y:g}) is outside the {image.width}x{image.height} image "
-                f"(0 <= x < {image.width}, 0 <= y < {image.height})",
+                f"point {index} ({point.x:g}, {point.y:g}) is outside the {width}x{height} image "
+                f"(0 <= x < {width}, 0 <= y < {height})",
             )
-    return None if visual.box is None else _one_box_error(0, visual.box, image)
+    return None if visual.box is None else _one_box_error(0, visual.box, width, height)

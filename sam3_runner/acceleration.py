@@ -28,7 +28,7 @@ COMPILE_MODES = ("off", "vision", "heads", "all")
 
 @dataclass(frozen=True)
 class CompileOptions:
-    vision: bool = False  # torch.compile of the vision encoder (batch size dynamic after the first two sizes)
+    vision: bool = False  # torch.compile of the vision trunk and neck (batch size dynamic after the first two sizes)
     heads: bool = False  # torch.compile(mode="reduce-overhead"): CUDA graphs per pair bucket on a GPU
 
     @classmethod
@@ -145,8 +145,10 @@ def pool_boxes_in_one_call(model: Sam3Model) -> None:
     encoder._encode_boxes = encode_boxes
 
 
-def compiled_vision(model: Sam3Model) -> Callable:
-    return torch.compile(model.vision_encoder)
+def compiled_vision(model: Sam3Model) -> tuple[Callable, Callable]:
+    """The vision encoder's ViT trunk and FPN neck, compiled apart: the image cache keeps the trunk's output and a
+    cached image runs only the neck. Each traces twice (batch 1, then a dynamic batch size from the second size on)."""
+    return torch.compile(model.vision_encoder.backbone), torch.compile(model.vision_encoder.neck)
 
 
 def compiled_heads(heads: Callable) -> Callable:

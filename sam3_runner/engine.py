@@ -1,9 +1,9 @@
 """Batched segmentation: many jobs (images x prompts) from many requests in one pass.
 
-One vision forward for all distinct images, one text forward for the prompts not yet cached, and one
-detector/mask-head call for every (image, prompt) pair, with the image features indexed per pair. Visual-prompt
-jobs (points / a box / a previous mask) in the same batch share the vision pass: the tracker reads its trunk output
-(sam3_runner/visual.py).
+One ViT trunk forward for the distinct images not in the image cache, one FPN neck forward for every distinct image,
+one text forward for the prompts not yet cached, and one detector/mask-head call for every (image, prompt) pair,
+with the image features indexed per pair. Visual-prompt jobs (points / a box / a previous mask) in the same batch
+share the trunk output (and its cache): the tracker reads it through its own neck (sam3_runner/visual.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from sam3_runner.acceleration import (
     pin_decoder_grid,
     pool_boxes_in_one_call,
 )
+from sam3_runner.image_cache import EncodedImage, ImageCache
 from sam3_runner.loading import LoadedModel
 from sam3_runner.postprocess import KeptQueries, MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
 from sam3_runner.text_cache import TextEmbeddingCache
@@ -53,6 +54,7 @@ class Sam3Engine:
         text_cache_size: int = 1024,
         max_pairs_per_forward: int = 64,
         compile_options: CompileOptions | None = None,
+        image_cache_bytes: int = 0,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -61,10 +63,15 @@ class Sam3Engine:
         self.dtype = loaded.dtype
         self.max_pairs_per_forward = max_pairs_per_forward
         self.text_cache = TextEmbeddingCache(self._encode_texts, text_cache_size)
+        self.image_cache = ImageCache(image_cache_bytes)
         # All device work runs on this one thread: one batch at a time, and the CUDA graphs that torch.compile
         # records belong to the thread that recorded them.
         self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="sam3-device")
-        self._vision: Callable = self.model.vision_encoder
+        self._trunk: Callable = self.model.vision_encoder.backbone
+        self._neck: Callable = self.model.vision_encoder.neck
+        patch = self.model.config.vision_config.backbone_config.patch_size
+        size = self.processor.image_processor.size
+        self._grid = (size["height"] // patch, size["width"] // patch)  # (rows, columns) of the trunk's token grid
         self._graphed_heads: Callable | None = None
         input_size = self.processor.image_processor.size["height"]
         self.visual = (
@@ -145,14 +152,15 @@ class Sam3Engine:
         self.acceleration["warm_up_s"] = round(time.perf_counter() - started, 2)
 
     def _use_eager(self, error: Exception) -> None:
-        self._vision, self._graphed_heads = self.model.vision_encoder, None
+        self._trunk, self._neck = self.model.vision_encoder.backbone, self.model.vision_encoder.neck
+        self._graphed_heads = None
         self.acceleration["compile"] = "off"
         self.acceleration.pop("pair_buckets", None)
         self.acceleration["compile_error"] = f"{type(error).__name__}: {error}"[:500]
 
     def _compile(self, options: CompileOptions) -> None:
         if options.vision:
-            self._vision = compiled_vision(self.model)
+            self._trunk, self._neck = compiled_vision(self.model)
             for images in (1, 2):  # the second size makes the batch dimension dynamic: no later recompiles
                 self._run(_warm_up_jobs(images, 1))
         if options.heads:
@@ -175,10 +183,7 @@ class Sam3Engine:
         if not jobs:
             return []
         clock = _StageClock(self.device)
-        pixel_values = self._preprocess(jobs)
-        clock.lap("preprocess")
-        vision = self._compiled_or_eager(self._vision, self.model.vision_encoder, pixel_values)
-        clock.lap("vision")
+        images = self._encode_images(jobs, clock)
 
         pairs = [(job_index, prompt) for job_index, job in enumerate(jobs) for prompt in job.prompts]
         if pairs:
@@ -195,12 +200,12 @@ class Sam3Engine:
                     continue
                 chunk = [pairs[index] for index in members]
                 rows = to_device(torch.tensor(members), self.device)
-                outputs = self._heads(jobs, chunk, vision, text_features[rows], text_mask[rows])
+                outputs = self._heads(jobs, chunk, images, text_features[rows], text_mask[rows])
                 clock.lap("heads")
                 for index, result in zip(members, self._postprocess(jobs, chunk, outputs, wanted), strict=True):
                     flat_results[index] = result
                 clock.lap("postprocess")
-        visual = self._visual_results(jobs, vision, wanted, clock)
+        visual = self._visual_results(jobs, images, wanted, clock)
 
         timings = clock.totals()
         timings["total"] = round(sum(timings.values()), 3)
@@ -208,19 +213,20 @@ class Sam3Engine:
         concept = [(job_index, result) for (job_index, _), result in zip(pairs, flat_results, strict=True)]
         for job_index, result in concept + visual:
             if result is not None:  # None: its job was abandoned
-                result.timings_ms = dict(timings)
+                result.timings_ms = images.timings(job_index, timings)
+                result.cached_image = images.cached[job_index]
                 results[job_index].append(result)
         return results
 
-    def _visual_results(self, jobs, vision: Sam3VisionEncoderOutput, wanted, clock) -> list[tuple[int, PromptResult]]:
+    def _visual_results(self, jobs, images: _Images, wanted, clock) -> list[tuple[int, PromptResult]]:
         """(job index, result) for the visual jobs still wanted: the tracker on their images' trunk output, then
         rendering (a job refused between slices gets None)."""
         indices = [index for index, job in enumerate(jobs) if job.visual is not None and wanted(index)]
         if not indices:
             return []
         chosen = [jobs[index] for index in indices]
-        rows = to_device(torch.tensor(indices), self.device)
-        kept = self.visual.candidates(chosen, vision.last_hidden_state.index_select(0, rows))
+        rows = to_device(torch.tensor([images.rows[index] for index in indices]), self.device)
+        kept = self.visual.candidates(chosen, images.vision.last_hidden_state.index_select(0, rows))
         clock.lap("tracker")
         rendered = self.visual.render(chosen, kept, lambda pair: wanted(indices[pair]))
         clock.lap("postprocess")
@@ -229,10 +235,7 @@ class Sam3Engine:
     def _select_for_slices(self, job: Job, gate: _Gate) -> _Selected | None:
         """run_sliced's first unit: everything up to the kept queries. None if the job was abandoned meanwhile."""
         clock = _StageClock(self.device)
-        pixel_values = self._preprocess([job])
-        clock.lap("preprocess")
-        vision = self._compiled_or_eager(self._vision, self.model.vision_encoder, pixel_values)
-        clock.lap("vision")
+        images = self._encode_images([job], clock)
         pairs = [(0, prompt) for prompt in job.prompts]
         text_features, text_mask = self.text_cache.lookup([prompt.model_text for _, prompt in pairs])
         clock.lap("text")
@@ -245,19 +248,19 @@ class Sam3Engine:
                 members = group[start : start + self.max_pairs_per_forward]
                 chunk = [pairs[index] for index in members]
                 rows = to_device(torch.tensor(members), self.device)
-                outputs = self._heads([job], chunk, vision, text_features[rows], text_mask[rows])
+                outputs = self._heads([job], chunk, images, text_features[rows], text_mask[rows])
                 clock.lap("heads")
                 kept.append(self._select(chunk, outputs))
                 order += members
                 clock.lap("postprocess")
         prompts = [job.prompts[index] for index in order]
-        size = job.image.shape[:2]
+        size = job.size
         mask_thresholds = [prompt.mask_threshold for prompt in prompts]
         with_rle = [prompt.include_rle for prompt in prompts]
         renderer = MaskRenderer(
             KeptQueries.concat(kept), [size] * len(prompts), mask_thresholds, masks_per_pass(self.device), with_rle
         )
-        return _Selected(renderer, order, size, clock)
+        return _Selected(renderer, order, size, clock, images)
 
     def _render_slice(self, selected: _Selected) -> None:
         selected.clock.lap(_StageClock.IDLE)  # the device ran other work since the last unit
@@ -277,7 +280,8 @@ class Sam3Engine:
                 instances=pair.instances,
                 union_mask=pair.union_mask,
                 image_size=(width, height),
-                timings_ms=dict(timings),
+                timings_ms=selected.images.timings(0, timings),
+                cached_image=selected.images.cached[0],
             )
         return results
 
@@ -289,6 +293,59 @@ class Sam3Engine:
         text_only = [index for index, (_, prompt) in enumerate(pairs) if not prompt.boxes]
         with_boxes = [index for index, (_, prompt) in enumerate(pairs) if prompt.boxes]
         return [group for group in (text_only, with_boxes) if group]
+
+    def _encode_images(self, jobs: Sequence[Job], clock: _StageClock) -> _Images:
+        """The vision features of the distinct images of `jobs`, and each job's row in them.
+
+        The ViT trunk runs once, batched, for the images that no job's taken cache entry (`job.encoded`), no entry of
+        the image cache and no earlier job of this batch with the same `image_key` provides; the output of each
+        keyed one goes into the cache. The FPN neck then runs on every distinct image's trunk output, as
+        transformers' Sam3VisionModel.forward runs it after the backbone. Laps "preprocess", "vision" (the trunk)
+        and "neck".
+        """
+        rows: list[int] = []
+        cached: list[bool] = []
+        trunks: list[torch.Tensor | None] = []
+        keyed_rows: dict[str, int] = {}
+        fresh: list[int] = []  # the jobs whose pixels are encoded: one per row of `trunks` left None
+        for index, job in enumerate(jobs):
+            if job.image_key is not None and job.image_key in keyed_rows:
+                rows.append(keyed_rows[job.image_key])
+                cached.append(True)
+                continue
+            entry = job.encoded or (self.image_cache.get(job.image_key) if job.image_key is not None else None)
+            if job.image_key is not None:
+                keyed_rows[job.image_key] = len(trunks)
+            rows.append(len(trunks))
+            cached.append(entry is not None)
+            trunks.append(None if entry is None else entry.trunk)
+            if entry is None:
+                fresh.append(index)
+        keyed = [index for index, job in enumerate(jobs) if job.image_key is not None]
+        hits = sum(cached[index] for index in keyed)
+        self.image_cache.count(hits=hits, misses=len(keyed) - hits)
+        if fresh:
+            pixel_values = self._preprocess([jobs[index] for index in fresh])
+            clock.lap("preprocess")
+            backbone = self.model.vision_encoder.backbone
+            encoded = self._compiled_or_eager(self._trunk, backbone, pixel_values).last_hidden_state
+            for trunk, index in zip(encoded, fresh, strict=True):
+                trunks[rows[index]] = trunk
+                if jobs[index].image_key is not None:
+                    height, width = jobs[index].size
+                    self.image_cache.put(jobs[index].image_key, EncodedImage(trunk, height, width))
+            clock.lap("vision")
+        else:  # every image came encoded
+            clock.lap("preprocess")
+            clock.lap("vision")
+        trunk = torch.stack(trunks)
+        spatial = trunk.view(len(trunks), *self._grid, -1).permute(0, 3, 1, 2)
+        fpn, positions = self._compiled_or_eager(self._neck, self.model.vision_encoder.neck, spatial)
+        clock.lap("neck")
+        vision = Sam3VisionEncoderOutput(
+            last_hidden_state=trunk, fpn_hidden_states=fpn, fpn_position_encoding=positions
+        )
+        return _Images(vision, rows, cached)
 
     def _preprocess(self, jobs: Sequence[Job]) -> torch.Tensor:
         images = [torch.as_tensor(job.image).permute(2, 0, 1) for job in jobs]
@@ -304,8 +361,9 @@ class Sam3Engine:
         features = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return features.pooler_output, attention_mask
 
-    def _heads(self, jobs, pairs, vision: Sam3VisionEncoderOutput, text_features, text_mask):
-        image_index = [job_index for job_index, _ in pairs]
+    def _heads(self, jobs, pairs, images: _Images, text_features, text_mask):
+        vision = images.vision
+        image_index = [images.rows[job_index] for job_index, _ in pairs]
         boxes, labels = self._box_tensors(jobs, pairs)
         graphed = self._graphed_heads is not None and not any(prompt.boxes for _, prompt in pairs)
         padding = bucket_for(len(pairs), self._pair_buckets) - len(pairs) if graphed else 0
@@ -358,7 +416,7 @@ class Sam3Engine:
         boxes = torch.zeros(len(pairs), width, 4, dtype=torch.float32)
         labels = torch.full((len(pairs), width), PADDING_BOX_LABEL, dtype=torch.long)
         for row, (job_index, prompt) in enumerate(pairs):
-            height, image_width = jobs[job_index].image.shape[:2]
+            height, image_width = jobs[job_index].size
             for column, box in enumerate(prompt.boxes):
                 x1, y1, x2, y2 = box.x1, box.y1, box.x2, box.y2
                 boxes[row, column] = torch.tensor(
@@ -381,7 +439,7 @@ class Sam3Engine:
 
     def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs, wanted) -> list[PromptResult | None]:
         kept = self._select(pairs, outputs)
-        sizes = [jobs[job_index].image.shape[:2] for job_index, _ in pairs]
+        sizes = [jobs[job_index].size for job_index, _ in pairs]
         mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
         with_rle = [prompt.include_rle for _, prompt in pairs]
         renderer = MaskRenderer(kept, sizes, mask_thresholds, masks_per_pass(self.device), with_rle)
@@ -417,6 +475,20 @@ class _Gate:
 
 
 @dataclass
+class _Images:
+    """A batch's vision features: one row per distinct image, the row of each job, and whether each job's image
+    was encoded for another job or an earlier request (the image cache) rather than for it."""
+
+    vision: Sam3VisionEncoderOutput
+    rows: list[int]
+    cached: list[bool]
+
+    def timings(self, job_index: int, batch: dict[str, float]) -> dict[str, float]:
+        """The batch's stage times as the job's: a job whose encoding came ready did no preprocessing or vision."""
+        return {**batch, "preprocess": 0.0, "vision": 0.0} if self.cached[job_index] else dict(batch)
+
+
+@dataclass
 class _Selected:
     """A sliced job between its units: what is left to render, and how to put its results back in prompt order."""
 
@@ -424,6 +496,7 @@ class _Selected:
     order: list[int]  # the prompt index of each rendered pair (head groups may reorder them)
     size: tuple[int, int]  # (height, width)
     clock: _StageClock
+    images: _Images
 
 
 @dataclass

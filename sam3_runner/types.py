@@ -6,6 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+from sam3_runner.image_cache import EncodedImage
 
 # What the model is told when a prompt has exemplar boxes but no words (the reference does the same).
 BOX_ONLY_TEXT = "visual"
@@ -89,16 +92,31 @@ class Job:
     `abandoned` is asked at every stage boundary (before the vision pass, between head chunks, between
     post-processing slices): a reason (e.g. "cancelled") stops the job there, and the engine returns
     Abandoned(reason) for it while the other jobs of its batch go on.
+
+    `image_key` names the image's identity and version (equal keys, equal pixels): its encoding is then taken from
+    and kept in the engine's image cache. `encoded` is a cache entry taken before decoding (a hit): `image` is
+    then None and the job is answered from the entry even if the cache has evicted it since.
     """
 
-    image: np.ndarray
+    image: np.ndarray | torch.Tensor | None
     prompts: list[Prompt]
     abandoned: Callable[[], str | None] = _still_wanted
     visual: VisualPrompt | None = None
+    image_key: str | None = None
+    encoded: EncodedImage | None = None
 
     def __post_init__(self) -> None:
         if self.visual is not None and self.prompts:
             raise ValueError("a job carries concept prompts or one visual prompt, not both")
+        if self.image is None and self.encoded is None:
+            raise ValueError("a job needs its image's pixels or its encoding")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the image in display orientation."""
+        if self.encoded is not None:
+            return self.encoded.height, self.encoded.width
+        return int(self.image.shape[0]), int(self.image.shape[1])
 
 
 @dataclass(frozen=True)
@@ -126,3 +144,4 @@ class PromptResult:
     # model's mask frame: the whole image resized to the model's square input, 288 x 288 at full size), to send
     # back as VisualPrompt.mask_input.
     mask_logits: np.ndarray | None = None
+    cached_image: bool = False  # its image's encoding was not computed for it (image cache, or a twin in its batch)

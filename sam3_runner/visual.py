@@ -92,7 +92,7 @@ class VisualSegmenter:
         """Candidates -> each job's PromptResult (instances best first, union = the best mask, the best candidate's
         low-resolution logits), with the concept path's renderer; `wanted(job index)` is asked between slices and a
         job it refuses gets None."""
-        sizes = [job.image.shape[:2] for job in jobs]
+        sizes = [job.size for job in jobs]
         renderer = MaskRenderer(
             kept,
             sizes,
@@ -147,7 +147,7 @@ class VisualSegmenter:
         """(points [n, 1, P, 2] float32, labels [n, 1, P], boxes [n, 1, 4] float32, masks [n, 1, 4g, 4g]) for the
         prompt encoder, None where the layout has none; coordinates in the model's input pixels."""
         visuals = [job.visual for job in jobs]
-        sizes = [job.image.shape[:2] for job in jobs]
+        sizes = [job.size for job in jobs]
         points = labels = boxes = masks = None
         if visuals[0].points:
             points = torch.stack(

@@ -1,6 +1,6 @@
 """Object storage for images and masks: Cloudflare R2 through boto3, or a local directory by default."""
 
-from storage.base import ObjectStore, StoredObject
+from storage.base import ImageObject, ObjectStore, StoredObject
 from storage.errors import (
     ObjectNotFound,
     ObjectTooLarge,
@@ -13,6 +13,7 @@ from storage.local import LocalStorage
 from storage.r2 import R2Storage
 
 __all__ = [
+    "ImageObject",
     "LocalStorage",
     "ObjectNotFound",
     "ObjectStore",

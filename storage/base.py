@@ -12,12 +12,22 @@ class StoredObject:
     url: str
 
 
+@dataclass(frozen=True)
+class ImageObject:
+    """An image's bytes and the identity they were read under: the store, bucket and key, and the object's version
+    (R2's ETag, a content hash), so that equal identities mean equal bytes and an overwritten object gets a new
+    one. None when the store names no version: such bytes are never cached by identity."""
+
+    data: bytes
+    identity: str | None
+
+
 class ObjectStore(Protocol):
     name: str
 
     def resolve_image_key(self, image_url: str) -> str: ...
 
-    def get_image(self, key: str, max_bytes: int) -> bytes: ...
+    def get_image(self, key: str, max_bytes: int) -> ImageObject: ...
 
     def get_object(self, key: str, max_bytes: int) -> bytes: ...
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-from storage.base import StoredObject
+from storage.base import ImageObject, StoredObject
 from storage.errors import ObjectNotFound, ObjectTooLarge, StorageUnavailable, UnsupportedImageUrl
 from storage.references import resolve_image_key, validate_key
 
@@ -30,16 +31,20 @@ class LocalStorage:
             raise UnsupportedImageUrl("the object key leaves the storage root")
         return path
 
-    def get_image(self, key: str, max_bytes: int) -> bytes:
+    def get_image(self, key: str, max_bytes: int) -> ImageObject:
+        """The file's bytes; its version is a hash of them (BLAKE2b, 128 bits): a file has no ETag, and its mtime
+        and size can stay the same across a rewrite."""
         path = self.path_for(key)
         try:
             with path.open("rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size > max_bytes:
                     raise ObjectTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
-                return handle.read(max_bytes + 1)
+                data = handle.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in local storage") from None
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return ImageObject(data, f"local:{self.root}/{key}#{digest}")
 
     def get_object(self, key: str, max_bytes: int) -> bytes:
         """Any object's bytes (a record the gateway wrote), refusing one over `max_bytes`."""

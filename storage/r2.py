@@ -6,7 +6,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from storage.base import StoredObject
+from storage.base import ImageObject, StoredObject
 from storage.errors import ObjectNotFound, ObjectTooLarge, StorageTimeout, StorageUnavailable
 from storage.references import resolve_image_key, validate_key
 
@@ -54,8 +54,10 @@ class R2Storage:
     def resolve_image_key(self, image_url: str) -> str:
         return resolve_image_key(image_url, self.bucket, self.endpoint_url, self.public_base_url)
 
-    def get_image(self, key: str, max_bytes: int) -> bytes:
-        """The object's bytes, refusing (while streaming) anything over `max_bytes`."""
+    def get_image(self, key: str, max_bytes: int) -> ImageObject:
+        """The object's bytes, refusing (while streaming) anything over `max_bytes`, and its identity: endpoint,
+        bucket, key and the ETag of the same response (R2 and S3 give a new ETag to every write that changes the
+        bytes; none: no identity)."""
         with _translated_errors(key):
             response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
             length = response.get("ContentLength")
@@ -69,7 +71,9 @@ class R2Storage:
                     if received > max_bytes:
                         raise ObjectTooLarge(f"the image is over the {max_bytes}-byte limit")
                     chunks.append(chunk)
-                return b"".join(chunks)
+                etag = response.get("ETag")
+                identity = f"{self.endpoint_url}/{self.bucket}/{key}#{etag}" if etag else None
+                return ImageObject(b"".join(chunks), identity)
             finally:
                 body.close()
 

@@ -122,8 +122,8 @@ def mask_pixels(r2, bucket, key: str) -> np.ndarray:
 
 
 def without_run_details(body: dict) -> dict:
-    """A response body less what differs between two runs of the same input (ids, keys, timings)."""
-    varying = {"task_id", "mask_url", "mask_key", "timings", "inference_time_ms", "total_inference_time_ms"}
+    """A response body less what differs between two runs of the same input (ids, keys, timings, image cache)."""
+    varying = {"task_id", "mask_url", "mask_key", "timings", "inference_time_ms", "total_inference_time_ms", "cache"}
     kept = {key: value for key, value in body.items() if key not in varying}
     if "results" in kept:
         kept["results"] = [without_run_details(result) for result in kept["results"]]

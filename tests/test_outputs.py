@@ -38,7 +38,7 @@ def pipeline_for(r2, supabase, model) -> PredictPipeline:
         r2["R2_ENDPOINT_URL"], r2["R2_BUCKET"], r2["R2_ACCESS_KEY_ID"], r2["R2_SECRET_ACCESS_KEY"], presign_ttl_s=300
     )
     tasks = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
-    return PredictPipeline(store, tasks, model, Limits(20_000_000, 50_000_000, 40_000, 2_500))
+    return PredictPipeline(store, tasks, model, Limits(20_000_000, 50_000_000, 40_000, 2_500, 86_400))
 
 
 @pytest.fixture(scope="module")

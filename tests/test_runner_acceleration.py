@@ -180,7 +180,30 @@ def test_without_compilation_a_model_failure_reaches_the_caller_unretried(engine
         calls.append(1)
         raise RuntimeError("vision encoder failed")
 
-    monkeypatch.setattr(engine.model.vision_encoder, "forward", broken_forward)
+    monkeypatch.setattr(engine.model.vision_encoder.backbone, "forward", broken_forward)
     with pytest.raises(RuntimeError, match="vision encoder failed"):
         engine.run([Job(random_image(rng, 30, 40), [Prompt("cat", **ALL)])])
     assert len(calls) == 1 and "compile_error" not in engine.acceleration
+
+
+def test_the_compiled_vision_traces_the_trunk_and_the_neck_twice_each_then_serves_hits_and_any_batch(
+    tiny_model_dir, rng, monkeypatch
+):
+    """The warm-up's two batch sizes make the batch dimension dynamic: no trace on a request, cached image or not."""
+    traced = []
+
+    def counting_backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    compile_eagerly = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compile_eagerly(module, backend=counting_backend))
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    engine = Sam3Engine(loaded, compile_options=CompileOptions(vision=True), image_cache_bytes=10**6)
+    assert engine.acceleration["compile"] == "vision" and len(traced) == 4  # trunk and neck, at 1 and 2 images
+    images = [random_image(rng, 40, 50) for _ in range(3)]
+    engine.run([Job(image, [Prompt("cat", **ALL)], image_key=f"image-{i}") for i, image in enumerate(images)])
+    hits = engine.run([Job(image, [Prompt("cat", **ALL)], image_key=f"image-{i}") for i, image in enumerate(images)])
+    mixed = engine.run([Job(images[0], [Prompt("dog", **ALL)], image_key="image-0"), Job(images[1], [Prompt("cat")])])
+    assert [result[0].cached_image for result in hits + mixed] == [True, True, True, True, False]
+    assert len(traced) == 4

@@ -107,7 +107,7 @@ def test_text_cache_hit_returns_identical_results(engine, rng):
 
 def test_timings_cover_every_stage(engine, rng):
     result = engine.run([Job(random_image(rng, 30, 30), [Prompt("cat")])])[0][0]
-    assert set(result.timings_ms) == {"preprocess", "vision", "text", "heads", "postprocess", "total"}
+    assert set(result.timings_ms) == {"preprocess", "vision", "neck", "text", "heads", "postprocess", "total"}
     assert all(value >= 0 for value in result.timings_ms.values())
 
 

@@ -478,6 +478,34 @@ def test_32_concurrent_requests_are_batched_without_errors(server, image_key):
     assert sizes and counts and float(sizes.group(1)) > float(counts.group(1)), "BentoML saw batches larger than 1"
 
 
+def test_a_repeated_image_is_answered_from_the_image_cache_and_info_counts_it(server, storage_dir):
+    """Two requests at once on a new image encode it once; a later one neither decodes nor encodes it; all answer
+    alike; a new version of the file (same size, other pixels) is encoded again."""
+    path = storage_dir / "images" / "cached.jpg"
+    first_version, second_version = (encode(random_image(np.random.default_rng(s), 90, 120), "JPEG") for s in (8, 9))
+    path.write_bytes(first_version)
+    request = {**body("images/cached.jpg"), "threshold": 0.0, "max_instances": 5}
+
+    async def two_at_once():
+        async with httpx.AsyncClient(timeout=60, headers=HEADERS) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}/api/v1/predict", json=request) for _ in range(2)))
+
+    before = httpx.get(f"{server.url}/api/v1/info", headers=HEADERS).json()["image_cache"]
+    together = [response.json() for response in asyncio.run(two_at_once())]
+    later = post(server, "/api/v1/predict", request).json()
+    path.write_bytes(second_version)
+    overwritten = post(server, "/api/v1/predict", request).json()
+    after = httpx.get(f"{server.url}/api/v1/info", headers=HEADERS).json()["image_cache"]
+
+    assert sorted(answer["cache"] for answer in together) == ["hit", "miss"]
+    assert (later["cache"], overwritten["cache"]) == ("hit", "miss")
+    assert together[0]["instances"] == together[1]["instances"] == later["instances"] != overwritten["instances"]
+    assert later["timings"]["model_vision"] == later["timings"]["model_decode"] == 0.0
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (2, 2)
+    assert after["entries"] >= 2 and 0 < after["bytes"] <= after["max_bytes"] == 256 * 1024 * 1024
+    assert after["evictions"] == 0
+
+
 def test_secrets_never_reach_the_log(server):
     assert API_KEY not in server.log()
 

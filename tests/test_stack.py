@@ -294,6 +294,38 @@ def test_the_image_downloads_while_the_row_is_marked_processing(r2, supabase, bu
     assert task_row(supabase, task_id)["status"] == "completed"
 
 
+def test_an_overwritten_object_is_encoded_again_and_a_repeat_comes_from_the_image_cache(
+    r2, supabase, bucket, segmenter
+):
+    """The model worker caches an image's encoding under the object's ETag: a new version of the key is a new image."""
+    pipeline = pipeline_for(r2, supabase, segmenter)
+    key, twin = f"images/overwritten-{uuid.uuid4().hex}.png", f"images/copy-{uuid.uuid4().hex}.png"
+    old, new = (encode(random_image(np.random.default_rng(seed), 60, 80)) for seed in (21, 22))  # the same size
+
+    async def predict_now(image_url: str) -> dict:
+        task_id, user_id = new_task_row(supabase)
+        request = PredictRequest(
+            image_url=image_url, text_prompt="car", user_id=user_id, task_id=task_id, threshold=0.0, max_instances=5
+        )
+        return await pipeline.predict(request)
+
+    async def overwrite_between_requests():
+        bucket.put_object(Bucket=r2["R2_BUCKET"], Key=key, Body=old)
+        version = pipeline.store.get_image(key, 10**6).identity
+        first, repeat = await predict_now(key), await predict_now(key)
+        bucket.put_object(Bucket=r2["R2_BUCKET"], Key=key, Body=new)
+        assert pipeline.store.get_image(key, 10**6).identity != version
+        overwritten = await predict_now(key)
+        bucket.put_object(Bucket=r2["R2_BUCKET"], Key=twin, Body=new)
+        return first, repeat, overwritten, await predict_now(twin)
+
+    first, repeat, overwritten, fresh = asyncio.run(overwrite_between_requests())
+    assert [first["cache"], repeat["cache"], overwritten["cache"], fresh["cache"]] == ["miss", "hit", "miss", "miss"]
+    assert repeat["instances"] == first["instances"] and len(first["instances"]) == 5
+    assert overwritten["instances"] == fresh["instances"] != first["instances"]
+    assert repeat["timings"]["model_vision"] == repeat["timings"]["model_decode"] == 0.0
+
+
 def test_a_request_cancelled_while_its_row_is_marked_processing_leaves_the_row_failed(r2, supabase, segmenter):
     """The update reached the database but the request ended before its answer came back."""
     pipeline = pipeline_for(r2, supabase, segmenter)

@@ -194,10 +194,11 @@ export interface components {
                 [key: string]: number;
             };
             /**
-             * Outputs
-             * @description The files outputs asked for, one set for all prompts; absent when it asked for none
+             * Cache
+             * @description hit: the image was not encoded for this request: the model worker's image cache had its encoding (or a request batched with it on the same image encoded it), so model_preprocess and model_vision are 0, and model_decode is 0 when the cache had it on arrival; miss: the vision encoder ran for it
+             * @enum {string}
              */
-            outputs?: components["schemas"]["OutputFiles"];
+            cache: "hit" | "miss";
         };
         /**
          * Box
@@ -304,27 +305,6 @@ export interface components {
             x2: number;
             /** Y2 */
             y2: number;
-        };
-        /**
-         * OutputFiles
-         * @description The files `outputs` asked for (each key only when asked), in R2 beside the mask PNG.
-         */
-        OutputFiles: {
-            /**
-             * Instance Map Url
-             * @description PNG, the image's size: pixel value i is instance i (1-based), 0 background; 16-bit past 255
-             */
-            instance_map_url?: string;
-            /**
-             * Cutout Url
-             * @description RGBA PNG: the image cropped to the instances' union, alpha = the union
-             */
-            cutout_url?: string;
-            /**
-             * Overlay Url
-             * @description JPEG preview, long side at most 1024 px: masks, outlines, boxes, captions
-             */
-            overlay_url?: string;
         };
         /**
          * Point
@@ -455,10 +435,11 @@ export interface components {
                 [key: string]: number;
             };
             /**
-             * Outputs
-             * @description The files outputs asked for; absent when it asked for none (and in a batch's results)
+             * Cache
+             * @description hit: the image was not encoded for this request: the model worker's image cache had its encoding (or a request batched with it on the same image encoded it), so model_preprocess and model_vision are 0, and model_decode is 0 when the cache had it on arrival; miss: the vision encoder ran for it
+             * @enum {string}
              */
-            outputs?: components["schemas"]["OutputFiles"];
+            cache: "hit" | "miss";
         };
         /**
          * TaskStatus
