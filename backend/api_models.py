@@ -304,6 +304,11 @@ class PredictResponse(BaseModel):
     instances: list[InstanceOut]
     timings: dict[str, float]
     cache: Literal["hit", "miss"] = Field(description=CACHE_MARKER)
+    outputs: OutputFiles | SkipJsonSchema[None] = Field(
+        None,
+        description="The files outputs asked for; absent when it asked for none (and in a batch's results)",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class BatchPredictResponse(BaseModel):
@@ -314,6 +319,11 @@ class BatchPredictResponse(BaseModel):
     total_inference_time_ms: float
     timings: dict[str, float]
     cache: Literal["hit", "miss"] = Field(description=CACHE_MARKER)
+    outputs: OutputFiles | SkipJsonSchema[None] = Field(
+        None,
+        description="The files outputs asked for, one set for all prompts; absent when it asked for none",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class ErrorDetail(BaseModel):

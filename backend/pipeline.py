@@ -82,6 +82,7 @@ class PredictPipeline:
             "total_inference_time_ms": combined["inference_time_ms"],
             "timings": combined["timings"],
             "cache": combined["cache"],
+            **_outputs(combined["outputs"]),
         }
 
     async def predict_visual(self, request: VisualPredictRequest, retries_model_down: bool = False) -> dict:
@@ -198,6 +199,7 @@ class PredictPipeline:
             "inference_time_ms": inference_ms,
             "timings": timings,
             "cache": results[0]["cache"],
+            "outputs": outputs.urls,
             "task_result": TaskResult(
                 mask_url=urls[combined_key],
                 labels=[instance["label"] for instance in instances],

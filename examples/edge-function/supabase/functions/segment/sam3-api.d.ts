@@ -199,6 +199,11 @@ export interface components {
              * @enum {string}
              */
             cache: "hit" | "miss";
+            /**
+             * Outputs
+             * @description The files outputs asked for, one set for all prompts; absent when it asked for none
+             */
+            outputs?: components["schemas"]["OutputFiles"];
         };
         /**
          * Box
@@ -305,6 +310,27 @@ export interface components {
             x2: number;
             /** Y2 */
             y2: number;
+        };
+        /**
+         * OutputFiles
+         * @description The files `outputs` asked for (each key only when asked), in R2 beside the mask PNG.
+         */
+        OutputFiles: {
+            /**
+             * Instance Map Url
+             * @description PNG, the image's size: pixel value i is instance i (1-based), 0 background; 16-bit past 255
+             */
+            instance_map_url?: string;
+            /**
+             * Cutout Url
+             * @description RGBA PNG: the image cropped to the instances' union, alpha = the union
+             */
+            cutout_url?: string;
+            /**
+             * Overlay Url
+             * @description JPEG preview, long side at most 1024 px: masks, outlines, boxes, captions
+             */
+            overlay_url?: string;
         };
         /**
          * Point
@@ -440,6 +466,11 @@ export interface components {
              * @enum {string}
              */
             cache: "hit" | "miss";
+            /**
+             * Outputs
+             * @description The files outputs asked for; absent when it asked for none (and in a batch's results)
+             */
+            outputs?: components["schemas"]["OutputFiles"];
         };
         /**
          * TaskStatus
