@@ -155,5 +155,9 @@ def build_demo_video_model() -> tuple[Sam3VideoModel, Sam3Processor]:
         with torch.no_grad():
             model.tracker_model.no_memory_embedding.normal_(std=DEMO_NO_MEMORY_EMBEDDING_STD)
             model.tracker_model.mask_decoder.iou_prediction_head.proj_out.bias.copy_(torch.tensor(DEMO_IOU_LOGITS))
+            # Meta's tracker has one random-Fourier matrix for points and for the image; transformers keeps two
+            # copies (the hub's hold the same values), drawn apart at random initialisation.
+            fourier = model.tracker_model.prompt_encoder.shared_embedding.positional_embedding
+            model.tracker_model.shared_image_embedding.positional_embedding.copy_(fourier)
     model.detector_model = detector
     return model, processor

@@ -20,8 +20,8 @@ Per prompt (transformers' Sam3TrackerProcessor + Sam3TrackerModel.forward):
 Batching: prompts of different requests and images share one prompt-encoder + mask-decoder call when they have
 the same token layout (number of points, box or not, mask or not, 1 or 3 candidates). They are not padded to one
 layout: transformers' padding points (label -10) are zero vectors that still take part in the decoder's attention,
-so padding would change a prompt's answer (by ~1e-3 in the logits with random weights).
-"""
+so padding would change a prompt's answer (one point padded to two, demo weights with logits ~1: up to 0.38 in a
+mask logit, 0.03 in the predicted IoU)."""
 
 from __future__ import annotations
 
