@@ -42,7 +42,8 @@ CLOCK_MARGIN_S = 10  # a cancel is remembered this much past MODEL_TIMEOUT_S, fo
 
 VISUAL_PROMPTS_UNAVAILABLE = (
     "the loaded weights are SAM 3's detector alone (no tracker), which answers concept prompts only; visual prompts "
-    "need weights with the tracker: facebook/sam3 or a directory saved from Sam3VideoModel (config `sam3_video`)"
+    "need weights with the tracker: facebook/sam3, a directory saved from Sam3VideoModel (config `sam3_video`) or "
+    "Meta's full sam3.pt (its `tracker.*` keys, under a `sam3_video` config or none)"
 )
 
 

@@ -1,14 +1,17 @@
 """Turn SAM3_WEIGHTS_PATH into a model on a device: a hub repo, a local directory, a Meta `.pt`, or `demo`.
 
-Weights whose config is `sam3_video` (the hub's facebook/sam3, `demo`) load as transformers' `Sam3VideoModel`: the
-concept detector (`Sam3Model`) plus the tracker's neck, prompt encoder and mask decoder, which answer visual prompts
-(points, a box, a previous mask) from the detector's ViT trunk; the trunk is held once. A `sam3` (detector-only)
-directory, and for now a Meta `.pt`, load the detector alone: concept prompts only.
+Weights whose config is `sam3_video` (the hub's facebook/sam3, `demo`, Meta's full sam3.pt) load as transformers'
+`Sam3VideoModel`: the concept detector (`Sam3Model`) plus the tracker's neck, prompt encoder and mask decoder, which
+answer visual prompts (points, a box, a previous mask) from the detector's ViT trunk; the trunk is held once. A `sam3`
+(detector-only) directory loads the detector alone: concept prompts only.
 
 A Meta `.pt` never needs the hub: its architecture comes from SAM3_CONFIG, else a config.json beside it, else
-transformers' default `Sam3Config()` (full-size SAM 3, the architecture of Meta's released sam3.pt); its processor
-from processor files in SAM3_CONFIG's directory, else beside it, else built in (`Sam3ImageProcessor()` defaults and
-CLIP's BPE tokenizer from open_clip_torch's vocabulary file, sam3_runner.clip_tokenizer).
+transformers' default `Sam3VideoConfig()` (full-size SAM 3 with its tracker, the architecture of Meta's released
+sam3.pt); its processor from processor files in SAM3_CONFIG's directory, else beside it, else built in
+(`Sam3ImageProcessor()` defaults and CLIP's BPE tokenizer from open_clip_torch's vocabulary file,
+sam3_runner.clip_tokenizer). A `.pt` holding the tracker (`tracker.*`, as the released sam3.pt does) under a
+`sam3_video` architecture loads as `Sam3VideoModel` (sam3_runner.meta_checkpoint.video_model_state_dict); a `.pt`
+holding the detector alone (`detector.*`), or any `.pt` under a `sam3` architecture, loads the detector alone.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionNeck
 
 from sam3_runner.clip_tokenizer import VOCABULARY_SIZE, clip_tokenizer
 from sam3_runner.demo import build_demo_video_model
-from sam3_runner.meta_checkpoint import UnknownKeyError, convert_state_dict, image_model_state_dict
+from sam3_runner.meta_checkpoint import (
+    UnknownKeyError,
+    convert_state_dict,
+    holds_tracker,
+    image_model_state_dict,
+    video_model_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,11 +289,15 @@ def _from_pretrained(
     return model, processor
 
 
-def _from_meta_checkpoint(path: Path, config: str | None) -> tuple[Sam3Model, Sam3Processor]:
-    """A `sam3.pt`, loaded without the hub (see the module docstring for where config and processor come from)."""
+def _from_meta_checkpoint(path: Path, config: str | None) -> tuple[Sam3Model | Sam3VideoModel, Sam3Processor]:
+    """A `sam3.pt`, loaded without the hub (see the module docstring for where config, processor and the choice
+    between detector + tracker and detector alone come from)."""
+    architecture, architecture_source = meta_checkpoint_config(path, config)
+    video_config = isinstance(architecture, Sam3VideoConfig)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state = convert_state_dict(image_model_state_dict(checkpoint))
+        video = video_config and holds_tracker(checkpoint)
+        state = video_model_state_dict(checkpoint) if video else convert_state_dict(image_model_state_dict(checkpoint))
     except UnknownKeyError as exc:
         raise WeightsError(
             f"the checkpoint {path} holds the key {exc.key!r}, which is not SAM 3's. A file in SAM3_WEIGHTS_PATH "
@@ -295,25 +308,35 @@ def _from_meta_checkpoint(path: Path, config: str | None) -> tuple[Sam3Model, Sa
         raise WeightsError(
             f"could not read the Meta checkpoint {path}: {_first_line(exc)}. " + HOW_TO_GET_WEIGHTS
         ) from None
-    architecture, architecture_source = meta_checkpoint_config(path, config)
-    # The detector alone for now: `state` holds the detector's keys (the tracker's `tracker.*` and its neck's
-    # `sam2_convs.*` have no mapping yet), so visual prompts need weights in transformers format. Where a mapping of
-    # the whole checkpoint to Sam3VideoModel's keys lands, this is the one call to change (with Sam3VideoModel below).
-    detector_config = architecture.detector_config if isinstance(architecture, Sam3VideoConfig) else architecture
-    _check_fits(state, detector_config, f"the Meta checkpoint {path}", architecture_source)
+    detector_config = architecture.detector_config if video_config else architecture
+    model_class, model_config = (Sam3VideoModel, architecture) if video else (Sam3Model, detector_config)
+    _check_fits(state, model_class, model_config, f"the Meta checkpoint {path}", architecture_source)
     processor, processor_source = meta_checkpoint_processor(path, config, detector_config)
-    model = Sam3Model(detector_config)
+    model = model_class(model_config)
     model.load_state_dict(state)
-    log.info("Meta checkpoint %s: architecture from %s, processor from %s", path, architecture_source, processor_source)
+    log.info(
+        "Meta checkpoint %s (%s): architecture from %s, processor from %s",
+        path,
+        "detector + tracker" if video else f"detector alone: {_why_detector_only(video_config)}",
+        architecture_source,
+        processor_source,
+    )
     return model, processor
+
+
+def _why_detector_only(video_config: bool) -> str:
+    if video_config:
+        return "the file holds no tracker (`tracker.*`)"
+    return "its config is `sam3`, the detector's (a `sam3_video` config loads the tracker too)"
 
 
 def meta_checkpoint_config(checkpoint: Path, config: str | None = None) -> tuple[Sam3Config | Sam3VideoConfig, str]:
     """The architecture a Meta checkpoint loads into, and where it came from.
 
     SAM3_CONFIG (`config`: a config.json or a directory holding one) wins, then a config.json beside the checkpoint,
-    then transformers' default `Sam3Config()`: full-size SAM 3 (840,376,374 parameters), the released sam3.pt's.
-    A `sam3_video` config.json (the hub's) gives a Sam3VideoConfig, any other a Sam3Config.
+    then transformers' default `Sam3VideoConfig()`: full-size SAM 3 with its tracker (859,921,848 parameters, the
+    detector's `Sam3Config()` 840,376,374 of them), the released sam3.pt's. A `sam3_video` config.json (the hub's)
+    gives a Sam3VideoConfig, any other a Sam3Config.
     Raises WeightsError when the chosen file cannot be read.
     """
     if config:
@@ -322,7 +345,7 @@ def meta_checkpoint_config(checkpoint: Path, config: str | None = None) -> tuple
         file = checkpoint.parent / CONFIG_FILE
         source = str(file)
     else:
-        return Sam3Config(), "the built-in full-size SAM 3 config (transformers' Sam3Config())"
+        return Sam3VideoConfig(), "the built-in full-size SAM 3 config (transformers' Sam3VideoConfig())"
     try:
         video = json.loads(file.read_text()).get("model_type") == VIDEO_MODEL_TYPE
         return (Sam3VideoConfig if video else Sam3Config).from_json_file(file), source
@@ -372,10 +395,16 @@ def _config_file(config: str) -> Path:
     return file
 
 
-def _check_fits(state: dict[str, torch.Tensor], config: Sam3Config, what: str, config_source: str) -> None:
+def _check_fits(
+    state: dict[str, torch.Tensor],
+    model_class: type[Sam3Model] | type[Sam3VideoModel],
+    config: Sam3Config | Sam3VideoConfig,
+    what: str,
+    config_source: str,
+) -> None:
     """Compare names and shapes with the architecture built on the meta device (no memory, ~0.1 s at full size)."""
     with torch.device("meta"):
-        expected = {key: tuple(tensor.shape) for key, tensor in Sam3Model(config).state_dict().items()}
+        expected = {key: tuple(tensor.shape) for key, tensor in model_class(config).state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     reshaped = [

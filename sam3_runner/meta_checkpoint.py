@@ -389,6 +389,12 @@ def _tensors(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
+def holds_tracker(checkpoint: Mapping[str, object]) -> bool:
+    """Whether a `sam3.pt` payload holds the tracker (`tracker.*` keys, possibly under 'model'), as Meta's full
+    sam3.pt does. Raises ValueError when the payload holds no state dict."""
+    return any(key.startswith(TRACKER_PREFIX) for key in _tensors(checkpoint))
+
+
 def image_model_state_dict(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """The detector's tensors from a `sam3.pt` payload, `detector.` stripped; tracker keys are left out.
 

@@ -32,7 +32,8 @@ CONFIG_AND_PROCESSOR = ("config.json", "processor_config.json", "tokenizer.json"
 
 
 def to_meta_checkpoint(model: Sam3Model) -> dict:
-    """The inverse of the key plans: a transformers model written out as Meta's sam3.pt would hold it."""
+    """The inverse of the key plans: a transformers detector written out as Meta's image model (`detector.*`, its
+    SAM 2 neck included), with no tracker: a detector-only checkpoint."""
     hf_state = model.state_dict()
     layer_count = {"blocks": len(model.vision_encoder.backbone.layers)}
     detector = {}
@@ -51,8 +52,6 @@ def to_meta_checkpoint(model: Sam3Model) -> dict:
         if ".vision_backbone.convs." in key:
             detector[key.replace(".convs.", ".sam2_convs.")] = torch.randn_like(tensor)
     detector["detector.geometry_encoder.points_direct_project.weight"] = torch.randn(32, 2)
-    for key in meta_keys(TRACKER_FIXTURE):  # the tracker's 309 keys, small: the image model ignores them
-        detector[f"tracker.{key}"] = torch.randn(2)
     return {"model": detector}
 
 
@@ -120,10 +119,12 @@ def to_meta_video_checkpoint(model: Sam3VideoModel) -> dict:
     return {"model": payload}
 
 
-def write_meta_checkpoint(directory: Path, model: Sam3Model, files_from: Path | None = None) -> Path:
-    """`directory/sam3.pt` in Meta's layout, with copies of `files_from`'s config and processor files beside it."""
+def write_meta_checkpoint(directory: Path, model: Sam3VideoModel | Sam3Model, files_from: Path | None = None) -> Path:
+    """`directory/sam3.pt` in Meta's layout, with copies of `files_from`'s config and processor files beside it: a
+    `Sam3VideoModel` as the released sam3.pt (detector + tracker), a `Sam3Model` as a detector-only file."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in CONFIG_AND_PROCESSOR if files_from else ():
         (directory / name).write_bytes((files_from / name).read_bytes())
-    torch.save(to_meta_checkpoint(model), directory / "sam3.pt")
+    payload = to_meta_video_checkpoint(model) if isinstance(model, Sam3VideoModel) else to_meta_checkpoint(model)
+    torch.save(payload, directory / "sam3.pt")
     return directory / "sam3.pt"

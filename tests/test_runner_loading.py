@@ -17,9 +17,19 @@ from conftest import WEIGHTS_FILE, random_image
 from meta_checkpoints import CONFIG_AND_PROCESSOR, TRACKER_FIXTURE, meta_keys, write_meta_checkpoint
 from runner_asserts import assert_same_result
 from safetensors.torch import load_file
-from transformers import Sam3Config, Sam3Model, Sam3VideoModel
+from transformers import Sam3Config, Sam3Model, Sam3VideoConfig, Sam3VideoModel
 
-from sam3_runner import Job, Prompt, Sam3Engine, WeightsError, load_model
+from sam3_runner import (
+    BoxPrompt,
+    Job,
+    PointPrompt,
+    Prompt,
+    Sam3Engine,
+    VisualPrompt,
+    VisualPromptsUnavailable,
+    WeightsError,
+    load_model,
+)
 from sam3_runner.clip_tokenizer import clip_tokenizer
 from sam3_runner.demo import build_demo_video_model
 from sam3_runner.loading import check_weights_reference, meta_checkpoint_config, meta_checkpoint_processor
@@ -59,21 +69,74 @@ def test_the_sam2_neck_is_laid_out_like_the_detector_neck():
 
 
 PROMPTS = [Prompt("cat", score_threshold=0.0), Prompt(boxes=(), text="dog", score_threshold=0.0)]
+VISUAL_PROMPTS = [
+    VisualPrompt(points=(PointPrompt(30, 20),), multimask=True),
+    VisualPrompt(box=BoxPrompt(8, 5, 40, 35)),
+    VisualPrompt(points=(PointPrompt(20, 15), PointPrompt(44.5, 30.25, positive=False)), box=BoxPrompt(4, 2, 48, 38)),
+]
 
 
-def test_meta_checkpoint_loads_and_matches_the_transformers_directory(tiny_model_dir, tmp_path, engine, rng):
-    checkpoint = write_meta_checkpoint(tmp_path / "meta", engine.model, files_from=tiny_model_dir)
+def sam3_pt(directory: Path, files_from: Path | None = None) -> Path:
+    """The tiny model of `tiny_model_dir` (the demo's detector + tracker) written as Meta's full sam3.pt."""
+    return write_meta_checkpoint(directory, build_demo_video_model()[0], files_from=files_from)
 
+
+def test_a_sam3_pt_loads_detector_and_tracker_and_answers_like_the_transformers_directory(
+    tiny_model_dir, tmp_path, engine, rng
+):
+    """Meta's layout (`detector.*` with its SAM 2 neck, `tracker.*`) loads the same weights as the transformers
+    directory in all three parts, and answers concept and visual prompts as it does: the same masks and boxes."""
+    checkpoint = sam3_pt(tmp_path / "meta", files_from=tiny_model_dir)
     loaded = load_model(str(checkpoint), device="cpu")
+    directory = load_model(str(tiny_model_dir), device="cpu")
     assert loaded.kind == "meta_checkpoint" and not loaded.random_weights
-    for key, tensor in engine.model.state_dict().items():
-        if key in dict(loaded.model.named_parameters()):
-            assert torch.equal(loaded.model.state_dict()[key], tensor), key
+    assert loaded.info()["visual_prompts"] is True
+    assert loaded.parameter_counts() == directory.parameter_counts() and loaded.parameters == directory.parameters
+    for part in ("model", "tracker", "tracker_neck"):
+        want = getattr(directory, part).state_dict()
+        got = getattr(loaded, part).state_dict()
+        assert got.keys() == want.keys()
+        for key, tensor in want.items():
+            assert torch.equal(got[key], tensor), (part, key)
     image = random_image(rng, 40, 50)
-    for got, want in zip(
-        Sam3Engine(loaded).run([Job(image, PROMPTS)])[0], engine.run([Job(image, PROMPTS)])[0], strict=True
-    ):
+    ours = Sam3Engine(loaded)
+    for got, want in zip(ours.run([Job(image, PROMPTS)])[0], engine.run([Job(image, PROMPTS)])[0], strict=True):
         assert_same_result(got, want, score_tol=1e-6)
+    # The directory's tensors are views into its memory-mapped file, aligned otherwise: kernels round ~1e-6 apart.
+    for visual in VISUAL_PROMPTS:
+        [got] = ours.run([Job(image, [], visual=visual)])[0]
+        [want] = engine.run([Job(image, [], visual=visual)])[0]
+        assert len(got.instances) == len(want.instances) == (3 if visual.multimask else 1)
+        for got_instance, want_instance in zip(got.instances, want.instances, strict=True):
+            assert got_instance.score == pytest.approx(want_instance.score, abs=1e-6)
+            assert (got_instance.box, got_instance.area, got_instance.rle) == (
+                want_instance.box,
+                want_instance.area,
+                want_instance.rle,
+            )
+        np.testing.assert_allclose(got.mask_logits, want.mask_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["a detector-only file", "a sam3.pt under a `sam3` config"])
+def test_a_detector_only_checkpoint_or_config_loads_the_detector_alone(
+    tiny_model_dir, tiny_detector_dir, tmp_path, engine, rng, case
+):
+    """A .pt with no `tracker.*` (even beside a `sam3_video` config), or a full sam3.pt under a detector-only
+    config: concept prompts answer as the directory's, visual prompts are refused, /info says so."""
+    if case == "a detector-only file":
+        path, config = write_meta_checkpoint(tmp_path / "meta", engine.model, files_from=tiny_model_dir), None
+    else:
+        path, config = sam3_pt(tmp_path / "meta"), str(tiny_detector_dir)
+    loaded = load_model(str(path), device="cpu", config=config)
+    info = loaded.info()
+    assert loaded.tracker is None and info["visual_prompts"] is False and info["parameter_counts"]["tracker"] == 0
+    assert info["parameters"] == sum(p.numel() for p in engine.model.parameters())
+    image = random_image(rng, 40, 50)
+    ours = Sam3Engine(loaded)
+    for got, want in zip(ours.run([Job(image, PROMPTS)])[0], engine.run([Job(image, PROMPTS)])[0], strict=True):
+        assert_same_result(got, want, score_tol=1e-6)
+    with pytest.raises(VisualPromptsUnavailable):
+        ours.run([Job(image, [], visual=VISUAL_PROMPTS[0])])
 
 
 def test_every_key_of_the_real_checkpoint_is_converted_or_ignored():
@@ -93,11 +156,12 @@ def test_every_key_of_the_real_checkpoint_is_converted_or_ignored():
     [
         "detector.backbone.vision_backbone.sam2_convs.9.conv_5x5.weight",
         "detector.transformer.decoder.some_new_head.weight",
+        "tracker.some_new_head.weight",
         "memory_bank.weight",
     ],
 )
-def test_an_unknown_key_stops_the_start_naming_key_and_file(tiny_model_dir, tmp_path, engine, unknown):
-    path = write_meta_checkpoint(tmp_path / "meta", engine.model, files_from=tiny_model_dir)
+def test_an_unknown_key_stops_the_start_naming_key_and_file(tiny_model_dir, tmp_path, unknown):
+    path = sam3_pt(tmp_path / "meta", files_from=tiny_model_dir)
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["model"][unknown] = torch.zeros(2)
     torch.save(checkpoint, path)
@@ -140,10 +204,12 @@ def test_a_lone_checkpoint_gets_the_full_size_sam3_architecture_and_processor(tm
     lone.parent.mkdir()
     lone.write_bytes(b"")  # only its directory is looked at
     config, source = meta_checkpoint_config(lone)
-    assert config.to_dict() == Sam3Config().to_dict() and "built-in" in source
-    with torch.device("meta"):
-        assert sum(p.numel() for p in Sam3Model(config).parameters()) == 840_376_374  # the released SAM 3
-    processor, source = meta_checkpoint_processor(lone, None, config)
+    assert config.to_dict() == Sam3VideoConfig().to_dict() and "built-in" in source
+    assert config.detector_config.to_dict() == Sam3Config().to_dict()
+    with torch.device("meta"):  # the released SAM 3: detector + tracker, and the detector alone
+        assert sum(p.numel() for p in Sam3VideoModel(config).parameters()) == 859_921_848
+        assert sum(p.numel() for p in Sam3Model(config.detector_config).parameters()) == 840_376_374
+    processor, source = meta_checkpoint_processor(lone, None, config.detector_config)
     image = processor.image_processor
     assert image.size == {"height": 1008, "width": 1008} and image.resample == PIL.Image.Resampling.BILINEAR
     assert image.do_rescale and image.rescale_factor == 1 / 255
@@ -152,11 +218,11 @@ def test_a_lone_checkpoint_gets_the_full_size_sam3_architecture_and_processor(tm
     assert "built-in" in source
 
 
-def test_a_lone_tiny_checkpoint_fails_on_shapes_never_on_the_hub(tmp_path, engine, monkeypatch):
+def test_a_lone_tiny_checkpoint_fails_on_shapes_never_on_the_hub(tmp_path, monkeypatch):
     """With nothing beside it and no SAM3_CONFIG, a .pt is taken as full-size SAM 3: a tiny one does not fit,
     and the error says so (the hub is not asked for a config)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = write_meta_checkpoint(tmp_path / "lone", engine.model)
+    path = sam3_pt(tmp_path / "lone")
     with pytest.raises(WeightsError) as error:
         load_model(str(path), device="cpu")
     message = str(error.value)
@@ -170,7 +236,7 @@ def test_a_lone_checkpoint_with_sam3_config_loads_offline_and_matches_the_direct
 ):
     """The .pt alone in its directory, SAM3_CONFIG naming the tiny config (with its processor files): it loads in a
     fresh interpreter with the hub offline and unreachable, and answers exactly like the transformers directory."""
-    path = write_meta_checkpoint(tmp_path / "lone", engine.model)
+    path = sam3_pt(tmp_path / "lone")
     config_dir = tmp_path / "config"
     config_dir.mkdir()
     for name in CONFIG_AND_PROCESSOR:
@@ -184,7 +250,7 @@ def test_a_lone_checkpoint_with_sam3_config_loads_offline_and_matches_the_direct
         "loaded = load_model(sys.argv[1], device='cpu', config=sys.argv[2])\n"
         "prompts = [Prompt('cat', score_threshold=0.0), Prompt(boxes=(), text='dog', score_threshold=0.0)]\n"
         "results = Sam3Engine(loaded).run([Job(np.load(sys.argv[3]), prompts)])[0]\n"
-        "pickle.dump((loaded.kind, results), open(sys.argv[4], 'wb'))\n"
+        "pickle.dump((loaded.kind, loaded.visual_prompts, results), open(sys.argv[4], 'wb'))\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "HF_TOKEN"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"), HF_ENDPOINT="http://127.0.0.1:9")
@@ -194,17 +260,17 @@ def test_a_lone_checkpoint_with_sam3_config_loads_offline_and_matches_the_direct
         [sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    kind, results = pickle.loads(out.read_bytes())
-    assert kind == "meta_checkpoint"
+    kind, visual_prompts, results = pickle.loads(out.read_bytes())
+    assert kind == "meta_checkpoint" and visual_prompts is True
     for got, want in zip(results, engine.run([Job(image, PROMPTS)])[0], strict=True):
         assert_same_result(got, want, score_tol=1e-6)
 
 
-def test_sam3_config_wins_over_the_files_beside_the_checkpoint(tiny_model_dir, tmp_path, engine):
-    path = write_meta_checkpoint(tmp_path / "meta", engine.model)
-    Sam3Config().to_json_file(path.parent / "config.json")  # full size: the tiny weights do not fit it
+def test_sam3_config_wins_over_the_files_beside_the_checkpoint(tiny_model_dir, tmp_path):
+    path = sam3_pt(tmp_path / "meta")
+    Sam3VideoConfig().to_json_file(path.parent / "config.json")  # full size: the tiny weights do not fit it
     assert load_model(str(path), device="cpu", config=str(tiny_model_dir / "config.json")).parameters == sum(
-        p.numel() for p in engine.model.parameters()
+        p.numel() for p in build_demo_video_model()[0].parameters()
     )
     with pytest.raises(WeightsError, match=re.escape(str(path.parent / "config.json"))):
         load_model(str(path), device="cpu")

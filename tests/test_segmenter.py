@@ -16,6 +16,7 @@ from backend.protocol import addressed, make_item, make_visual_item, unpack_mask
 from backend.segmenter import Segmenter
 from backend.settings import Settings
 from sam3_runner import BoxPrompt, PointPrompt, Prompt, VisualPrompt, WeightsError
+from sam3_runner.demo import build_demo_model, build_demo_video_model
 
 
 def items(count: int) -> list[dict]:
@@ -149,17 +150,24 @@ def test_a_bad_weights_path_fails_the_start():
         Segmenter(Settings(sam3_weights_path="/nowhere/sam3", _env_file=None))
 
 
-def test_a_lone_meta_checkpoint_serves_with_sam3_config_from_env(tiny_model_dir, engine, tmp_path, monkeypatch):
-    """SAM3_WEIGHTS_PATH names a .pt alone in its directory, SAM3_CONFIG the tiny config: the worker serves it."""
-    checkpoint = write_meta_checkpoint(tmp_path / "weights", engine.model)
+def test_a_lone_meta_checkpoint_serves_with_sam3_config_from_env(tiny_model_dir, segmenter, tmp_path, monkeypatch):
+    """SAM3_WEIGHTS_PATH names a sam3.pt (detector + tracker) alone in its directory, SAM3_CONFIG the tiny config:
+    the worker serves concept and visual prompts, a tap answered exactly as the same weights in memory answer it."""
+    demo = segmenter
+    checkpoint = write_meta_checkpoint(tmp_path / "weights", build_demo_video_model()[0])
     monkeypatch.setenv("SAM3_WEIGHTS_PATH", str(checkpoint))
     monkeypatch.setenv("SAM3_CONFIG", str(tiny_model_dir))
     segmenter = Segmenter(Settings(sam3_device="cpu", _env_file=None))
     deadline = time.monotonic() + 60
     while not segmenter.ready and segmenter.status()["state"] == "loading" and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert segmenter.status()["info"]["weights_kind"] == "meta_checkpoint"
+    info = segmenter.status()["info"]
+    assert info["weights_kind"] == "meta_checkpoint" and info["visual_prompts"] is True
     assert "error" not in segmenter.segment(items(1))[0]
+    tap = visual_item(encode(random_image(np.random.default_rng(24), 40, 60)), points=(PointPrompt(30, 20),))
+    [got], [want] = segmenter.segment([tap]), demo.segment([tap])
+    assert got["ok"] and got["results"][0]["instances"] == want["results"][0]["instances"]
+    assert got["mask_logits"] == want["mask_logits"]
     monkeypatch.setenv("SAM3_CONFIG", str(tmp_path / "nowhere.json"))
     with pytest.raises(WeightsError, match="SAM3_CONFIG"):  # a config path that cannot work fails the start
         Segmenter(Settings(sam3_device="cpu", _env_file=None))
@@ -320,8 +328,17 @@ def test_points_are_in_the_display_orientation_of_an_exif_rotated_photo(segmente
     assert on_rotated["mask_logits"] == on_upright["mask_logits"]
 
 
-def test_detector_only_weights_serve_concepts_and_refuse_visual_items(tiny_detector_dir):
-    segmenter = Segmenter(Settings(sam3_weights_path=str(tiny_detector_dir), sam3_device="cpu", _env_file=None))
+@pytest.mark.parametrize("weights", ["a `sam3` directory", "a .pt without `tracker.*`"])
+def test_detector_only_weights_serve_concepts_and_refuse_visual_items(
+    tiny_detector_dir, tiny_model_dir, tmp_path, weights
+):
+    """The detector's weights alone: a transformers directory, or a Meta .pt with no tracker (beside a `sam3_video`
+    config: the file decides)."""
+    if weights == "a `sam3` directory":
+        path = str(tiny_detector_dir)
+    else:
+        path = str(write_meta_checkpoint(tmp_path / "weights", build_demo_model()[0], files_from=tiny_model_dir))
+    segmenter = Segmenter(Settings(sam3_weights_path=path, sam3_device="cpu", _env_file=None))
     deadline = time.monotonic() + 60
     while not segmenter.ready and time.monotonic() < deadline:
         time.sleep(0.05)
