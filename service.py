@@ -50,6 +50,9 @@ log = logging.getLogger("sam3.service")
 settings = get_settings()
 redaction.install(settings.secrets())
 API_KEY = check_auth(settings)
+# The model service answers `status` in milliseconds. A call that waits longer has reached no worker that serves:
+# one killed and being restarted, or hung (BentoML's shared socket accepts the connection and nobody reads it).
+MODEL_STATUS_TIMEOUT_S = 5.0
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 429, 500, 502, 503, 504)}
 PREDICT_RESPONSES = {
@@ -281,8 +284,8 @@ class Gateway:
 
     async def _model_status(self) -> dict:
         try:
-            return await self.model.to_async.status()
-        except Exception as exc:  # the model service is down or restarting
+            return await asyncio.wait_for(self.model.to_async.status(), MODEL_STATUS_TIMEOUT_S)
+        except Exception as exc:  # the model service is down, restarting or not answering
             log.warning("model status unavailable: %s", type(exc).__name__)
             return {"state": "unavailable", "model_loaded": False, "gpu_available": False}
 

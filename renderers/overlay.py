@@ -37,9 +37,16 @@ class Overlay:
         self._masks: list[CompactMask] = []
         self._boxes: list[list[float]] = []
         self._captions: list[str] = []
+        self._colours: list[int] = []  # each drawn instance's place among the added ones: its palette colour
+        self._added = 0
 
     def add(self, mask: InstanceMask, box: list[float], caption: str) -> None:
-        """box: xyxy in original-image pixels; caption: e.g. "cat 0.93"."""
+        """box: xyxy in original-image pixels; caption: e.g. "cat 0.93". An empty mask (a visual candidate with no
+        pixel above mask_threshold) is not drawn; the instances after it keep the colours of their places."""
+        self._added += 1
+        if mask.pixels.size == 0:
+            return
+        self._colours.append(self._added - 1)
         width, height = self.size
         left, top = round(mask.x * self.scale), round(mask.y * self.scale)
         right = min(width, max(left + 1, round((mask.x + mask.pixels.shape[1]) * self.scale)))
@@ -61,17 +68,16 @@ class Overlay:
                 xyxy=np.array(self._boxes, dtype=np.float32), mask=CompactMask.merge(self._masks)
             )
             font_size = max(12, round(max(self.size) / 64))
-            index = sv.ColorLookup.INDEX
-            scene = sv.MaskAnnotator(color_lookup=index).annotate(scene, detections)
-            scene = sv.PolygonAnnotator(color_lookup=index, thickness=2).annotate(scene, detections)
-            scene = sv.BoxAnnotator(color_lookup=index, thickness=2).annotate(scene, detections)
+            colours = np.array(self._colours)
+            scene = sv.MaskAnnotator().annotate(scene, detections, custom_color_lookup=colours)
+            scene = sv.PolygonAnnotator(thickness=2).annotate(scene, detections, custom_color_lookup=colours)
+            scene = sv.BoxAnnotator(thickness=2).annotate(scene, detections, custom_color_lookup=colours)
             labels = sv.RichLabelAnnotator(
-                color_lookup=index,
                 font_size=font_size,
                 text_padding=font_size // 3,
                 smart_position=len(self._captions) <= SPREAD_CAPTIONS_UP_TO,
             )
-            scene = labels.annotate(scene, detections, labels=self._captions)
+            scene = labels.annotate(scene, detections, labels=self._captions, custom_color_lookup=colours)
         ok, encoded = cv2.imencode(".jpg", scene, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise RuntimeError("OpenCV could not encode the overlay as JPEG")

@@ -349,3 +349,22 @@ def test_shutdown_with_requests_in_flight_leaves_no_row_processing(r2, supabase,
         assert response.status_code == 200 and task_row(supabase, task_id)["status"] == "completed"
     finally:
         restarted.stop()
+
+
+def test_health_answers_while_the_model_worker_does_not(tmp_path):
+    """A model worker that takes connections and answers nothing (SIGSTOP here; a killed worker is the same until
+    BentoML's restart of it serves, 20-30 s on this box): /health still answers, saying the model is unavailable,
+    and says ok again once the worker is back. Before, it waited on the model for 60 s."""
+    bento = ServedBento({}, tmp_path / "serve.log").start()
+    try:
+        [model_pid] = bento.worker_pids("sam3-model")
+        os.kill(model_pid, signal.SIGSTOP)
+        try:
+            stalled = httpx.get(f"{bento.url}/health", timeout=30)
+        finally:
+            os.kill(model_pid, signal.SIGCONT)
+        assert stalled.status_code == 200
+        assert stalled.json()["status"] == "unavailable" and stalled.json()["model_loaded"] is False
+        assert httpx.get(f"{bento.url}/health", timeout=30).json()["status"] == "ok"
+    finally:
+        bento.stop()

@@ -290,6 +290,34 @@ def test_the_overlay_tints_each_instance_and_leaves_the_rest_of_the_image_alone(
     assert np.abs(overlay[100:, :] - 128).max() < 10  # far from every mask, box and caption
 
 
+def test_an_empty_visual_candidate_is_not_drawn_and_the_others_keep_their_colours():
+    """A visual candidate may have no pixel above mask_threshold (area 0, box [0, 0, 0, 0]): every output is still
+    drawn (this was a 500 internal_error: OpenCV resized a 0 x 0 mask), and the overlay draws the other candidates
+    exactly as if the empty one sat in its place."""
+    pixels = np.full((HEIGHT, WIDTH, 3), 128, dtype=np.uint8)
+    first, second, empty = square(20, 40, 40), square(100, 40, 40), np.zeros((HEIGHT, WIDTH), dtype=bool)
+    wanted = frozenset({"polygons", "instance_map", "cutout", "overlay"})
+    union = first | second
+    first_drawn, second_drawn = instances_of([first, second])
+    with_empty = [
+        first_drawn,
+        Drawable(rle=rle_of(empty), score=0.8, box=[0.0, 0.0, 0.0, 0.0], label="object"),
+        second_drawn,
+    ]
+    rendered = render(with_empty, (WIDTH, HEIGHT), wanted, 1.0, pixels=pixels, union=union)
+    assert rendered.polygons[1] == []
+    instance_map = np.asarray(Image.open(io.BytesIO(rendered.files["instance_map"])))
+    assert set(np.unique(instance_map)) == {0, 1, 3}
+    overlay = np.asarray(Image.open(io.BytesIO(rendered.files["overlay"])), dtype=int)
+    assert overlay.shape == (HEIGHT, WIDTH, 3)
+    assert np.abs(overlay[100:, :] - 128).max() < 10  # nothing drawn for the empty one (its box is at 0, 0)
+
+    placeholder = instances_of([first, square(0, 0, 1), second])  # a third colour in the second slot
+    expected = render(placeholder, (WIDTH, HEIGHT), frozenset({"overlay"}), 1.0, pixels=pixels).files["overlay"]
+    expected = np.asarray(Image.open(io.BytesIO(expected)), dtype=int)
+    assert np.abs(overlay[70:80, 110:130] - expected[70:80, 110:130]).max() < 10  # the second square's colour
+
+
 def test_render_draws_only_what_is_asked():
     masks = [ring(), several_parts()]
     rendered = render(instances_of(masks), (WIDTH, HEIGHT), frozenset({"rle", "polygons"}), 1.0)
