@@ -149,7 +149,10 @@ class PredictRequest(PredictOptions):
     @model_validator(mode="after")
     def _has_a_prompt(self) -> PredictRequest:
         if not self.text_prompt and not self.boxes:
-            raise ValueError("send a text_prompt, boxes, or both")
+            raise ValueError(
+                "send a text_prompt, boxes, or both (to segment the one object at a tap or inside a box, use "
+                "POST /api/v1/predict/visual with points or box)"
+            )
         return self
 
 

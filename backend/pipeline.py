@@ -111,7 +111,7 @@ class PredictPipeline:
         processing; if the row cannot be marked, the download is dropped and that error is the answer.
         """
         started = time.perf_counter()
-        download = asyncio.ensure_future(self._inputs(request.image_url, kind))
+        download = asyncio.ensure_future(self._inputs(request, kind))
         try:
             await self._guard(self.tasks.mark_processing(request.task_id))
         except asyncio.CancelledError as cancelled:  # the update may have landed: the row must not stay processing
@@ -141,12 +141,14 @@ class PredictPipeline:
             await self._record_failure(request.task_id, "internal_error: the server failed while processing")
             raise ApiError(500, "internal_error", "the server failed while processing this request") from None
 
-    async def _inputs(self, image_url: str, kind: PromptKind) -> tuple[ImageObject, float]:
-        """The image and the download's ms, with what the prompt kind needs besides it fetched meanwhile; when both
+    async def _inputs(self, request: TaskOptions, kind: PromptKind) -> tuple[ImageObject, float]:
+        """The image and the download's ms, with what the prompt kind needs besides it fetched meanwhile, and this
+        task's refinement record of an earlier run forgotten (a visual success writes a new one); when several
         fail, the image's error is the answer."""
-        extra = asyncio.ensure_future(self._guard(kind.fetch()))
+        forget = self.refinements.forget(request.user_id, request.task_id)
+        extra = asyncio.ensure_future(self._guard(asyncio.gather(kind.fetch(), forget)))
         try:
-            downloaded = await self._download(image_url)
+            downloaded = await self._download(request.image_url)
         except BaseException:
             _drop(extra)
             raise

@@ -117,6 +117,11 @@ class Refinements:
         data = encode_record(logits, image_sha256, time.time())
         await asyncio.to_thread(self.store.put_object, refine_key(user_id, task_id), data, CONTENT_TYPE)
 
+    async def forget(self, user_id: str, task_id: str) -> None:
+        """Removes the task's record, if any: a task sent again (as a concept task, or failing this time) must not
+        stay refinable with the mask of an earlier run. Storage failures raise as they are."""
+        await asyncio.to_thread(self.store.delete_object, refine_key(user_id, task_id))
+
 
 def _not_found(message: str) -> ApiError:
     return ApiError(404, "refine_not_found", message)

@@ -34,3 +34,6 @@ class ObjectStore(Protocol):
     def put_png(self, key: str, data: bytes) -> StoredObject: ...
 
     def put_object(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
+
+    def delete_object(self, key: str) -> None:
+        """Removes the object; one that does not exist is not an error."""

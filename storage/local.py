@@ -74,5 +74,11 @@ class LocalStorage:
             raise StorageUnavailable(f"local storage could not write {key!r} ({exc.strerror})") from None
         return StoredObject(key=key, url=self.url_for(key))
 
+    def delete_object(self, key: str) -> None:
+        try:
+            self.path_for(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"local storage could not delete {key!r} ({exc.strerror})") from None
+
     def url_for(self, key: str) -> str:
         return f"{self.public_base_url}/{key}" if self.public_base_url else self.path_for(key).as_uri()

@@ -97,6 +97,11 @@ class R2Storage:
             self._client.put_object(Bucket=self.bucket, Key=validate_key(key), Body=data, ContentType=content_type)
             return StoredObject(key=key, url=self.url_for(key))
 
+    def delete_object(self, key: str) -> None:
+        """S3's DELETE succeeds for a key that does not exist."""
+        with _translated_errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=validate_key(key))
+
     def url_for(self, key: str) -> str:
         if self.public_base_url:
             return f"{self.public_base_url}/{key}"

@@ -219,6 +219,22 @@ def test_refine_task_id_of_no_visual_task_is_404_and_the_row_says_so(stack_serve
         assert row["status"] == "failed" and row["error_message"].startswith("refine_not_found: ")
 
 
+@pytest.mark.parametrize("rerun", ["as a concept task", "failing"])
+def test_a_visual_task_sent_again_is_not_refinable_with_its_earlier_mask(stack_server, supabase, photos, rerun):
+    task_id, user_id = new_task_row(supabase)
+    assert visual(stack_server, task_id, user_id, points=[TAP]).status_code == 200
+    if rerun == "failing":
+        assert visual(stack_server, task_id, user_id, points=[{"x": 5000.0, "y": 5.0}]).status_code == 422
+    else:
+        concept = {"image_url": PHOTO, "text_prompt": "thing", "user_id": user_id, "task_id": task_id}
+        assert httpx.post(f"{stack_server.url}/api/v1/predict", json=concept, headers=HEADERS, timeout=60).is_success
+
+    refining, _ = new_task_row(supabase)
+    response = visual(stack_server, refining, user_id, points=[TAP], refine_task_id=task_id)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "refine_not_found"
+
+
 def test_an_expired_refinement_is_404_and_says_expired(stack_server, r2, supabase, bucket, photos):
     old_task, user_id = new_task_row(supabase)
     assert visual(stack_server, old_task, user_id, points=[TAP]).status_code == 200
