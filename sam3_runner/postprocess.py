@@ -101,14 +101,14 @@ def suppress_overlaps(
     `iou_threshold` (strictly: 1 removes nothing, since no IoU is above 1; 0 removes every query that shares a pixel
     with a better one).
 
-    The masks are the low-resolution ones ([N, h, w] mask logits, 288 x 288 for SAM 3), on their device; only an
-    [N, N] boolean overlap matrix reaches the host. Each mask is binarised as it is rendered: logit > logit(t) at
-    its pair's mask_threshold t (mask_thresholds, per pair). This is Meta's mask NMS (sam3/perflib/nms.py,
-    nms_masks, which SAM 3's detector runs on its low-resolution masks), whose cut, logit > 0, is t = 0.5, the
-    default. IoU is |A and B| / |A or B| with the union clamped to 1, so two empty masks have IoU 0 (Meta's
-    sam3/perflib/masks_ops.py, mask_iou); a query is removed when IoU > iou_threshold (Meta's generic_nms keeps
-    IoU <= threshold, as torchvision.ops.nms does with box IoU). The intersections are one float32 matrix product of
-    0/1 masks: exact integers up to 2^24 pixels.
+    The masks are the low-resolution ones ([N, h, w] mask logits, 288 x 288 for SAM 3), on their device; only the
+    scores and the [N, N] boolean overlap matrix reach the host. Each mask is binarised as it is rendered:
+    logit > logit(t) at its pair's mask_threshold t (mask_thresholds, per pair). This is Meta's mask NMS
+    (sam3/perflib/nms.py, nms_masks, which SAM 3's detector runs on its low-resolution masks), whose cut,
+    logit > 0, is t = 0.5, the default. IoU is |A and B| / |A or B| with the union clamped to 1, so two empty
+    masks have IoU 0 (Meta's sam3/perflib/masks_ops.py, mask_iou); a query is removed when IoU > iou_threshold
+    (Meta's generic_nms keeps IoU <= threshold, as torchvision.ops.nms does with box IoU). The intersections are
+    one float32 matrix product of 0/1 masks: exact integers up to 2^24 pixels.
 
     Ties in score go to the pair of lower rank (`ranks`, per pair: e.g. each prompt's index in its job), then to
     the earlier query of the pair. Returns the queries left (pairs in order, each still best first) and, per
@@ -130,7 +130,7 @@ def suppress_overlaps(
     order = np.lexsort((np.arange(len(owner)), np.asarray(ranks)[owner], -scores))  # the last key sorts first
     removed = np.zeros(len(owner), dtype=bool)
     for index in order:
-        if not removed[index]:  # kept: the queries it overlaps go (a better one it overlaps has removed it)
+        if not removed[index]:  # no better query kept overlaps it: it stays, and removes the worse ones it overlaps
             removed |= overlaps[index]
     left = np.flatnonzero(~removed)
     counts = np.bincount(owner[left], minlength=pairs).tolist()
