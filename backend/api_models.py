@@ -7,7 +7,17 @@ import unicodedata
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 MAX_PROMPT_CHARS = 256
@@ -156,18 +166,117 @@ class PredictRequest(PredictOptions):
         return self
 
 
+# A number in [0, 1]; strict: `true` or "0.3" are not numbers (422 invalid_option, as the request's own thresholds)
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+
+
+def _absent_is_not_shown(schema: dict) -> None:
+    """An optional field whose absence means "the default": the schema shows its type and no null default."""
+    schema.pop("default", None)
+
+
+class BatchPrompt(BaseModel):
+    """One batch prompt written as an object: a phrase and/or exemplar boxes, and its own options. Each option it
+    leaves out is the request's (`boxes` included: an object without `boxes` gets the request's, `[]` none)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | SkipJsonSchema[None] = Field(
+        None, description="A noun phrase, as predict's text_prompt", json_schema_extra=_absent_is_not_shown
+    )
+    boxes: Annotated[list[Box], Field(max_length=MAX_BOXES)] | SkipJsonSchema[None] = Field(
+        None, description="Exemplar boxes, as predict's; absent: the request's", json_schema_extra=_absent_is_not_shown
+    )
+    threshold: Probability | SkipJsonSchema[None] = Field(
+        None, description="As the request's; absent: the request's", json_schema_extra=_absent_is_not_shown
+    )
+    mask_threshold: Probability | SkipJsonSchema[None] = Field(
+        None, description="As the request's; absent: the request's", json_schema_extra=_absent_is_not_shown
+    )
+    max_instances: Annotated[int, Field(ge=1, le=MAX_INSTANCES, strict=True)] | SkipJsonSchema[None] = Field(
+        None, description="As the request's; absent: the request's", json_schema_extra=_absent_is_not_shown
+    )
+
+    @field_validator("text")
+    @classmethod
+    def _clean(cls, value: str | None) -> str | None:
+        """As a string prompt (nothing visible counts as absent: the prompt then needs boxes)."""
+        if value is None:
+            return None
+        cleaned = _clean_prompt(value)
+        if len(cleaned) > MAX_PROMPT_CHARS:
+            raise ValueError(f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
+        return cleaned or None
+
+
+def _prompt_form(value) -> str | None:
+    """Which form a batch prompt is written in: "string", "object" (BatchPrompt) or neither."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict | BatchPrompt):
+        return "object"
+    return None
+
+
+BatchPromptEntry = Annotated[
+    Annotated[str, Tag("string")] | Annotated[BatchPrompt, Tag("object")],
+    Discriminator(
+        _prompt_form,
+        custom_error_type="invalid_prompt_form",
+        custom_error_message="each prompt must be a string or an object {text, boxes, threshold, mask_threshold, "
+        "max_instances}",
+    ),
+]
+
+
 class BatchPredictRequest(PredictOptions):
-    prompts: list[str] = Field(min_length=1, max_length=MAX_BATCH_PROMPTS)
+    prompts: list[BatchPromptEntry] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_PROMPTS,
+        description="Phrases, or objects with a phrase and/or exemplar boxes and options of their own",
+    )
+    nms_iou_threshold: Probability | SkipJsonSchema[None] = Field(
+        None,
+        description="Remove an instance whose mask overlaps a better-scoring one (any prompt) with an IoU above this; "
+        "absent: off",
+        json_schema_extra=_absent_is_not_shown,
+    )
 
     @field_validator("prompts")
     @classmethod
-    def _clean(cls, values: list[str]) -> list[str]:
-        cleaned = [_clean_prompt(value) for value in values]
-        if any(len(value) > MAX_PROMPT_CHARS for value in cleaned):
+    def _clean(cls, values: list[str | BatchPrompt], info: ValidationInfo) -> list[str | BatchPrompt]:
+        cleaned = [_clean_prompt(value) if isinstance(value, str) else value for value in values]
+        if any(len(value) > MAX_PROMPT_CHARS for value in cleaned if isinstance(value, str)):
             raise ValueError(f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
         if not all(cleaned):
             raise ValueError("every prompt must have some text")
+        request_boxes = info.data.get("boxes")
+        for index, value in enumerate(cleaned):
+            if isinstance(value, BatchPrompt) and not value.text and not _own_or(value.boxes, request_boxes):
+                raise ValueError(f"prompt {index} needs a text or boxes (its own or the request's)")
         return cleaned
+
+    def prompt_options(self) -> list[BatchPrompt]:
+        """Each prompt with every option given: an object's own where it has them, else the request's."""
+        request_options = {
+            "boxes": self.boxes,
+            "threshold": self.threshold,
+            "mask_threshold": self.mask_threshold,
+            "max_instances": self.max_instances,
+        }
+        resolved = []
+        for value in self.prompts:
+            if isinstance(value, str):
+                resolved.append(BatchPrompt.model_construct(text=value, **request_options))
+            else:
+                own = {name: _own_or(getattr(value, name), default) for name, default in request_options.items()}
+                resolved.append(BatchPrompt.model_construct(text=value.text, **own))
+        return resolved
+
+
+def _own_or(own, default):
+    """A batch prompt's own option, or the request's when it has none (None: absent)."""
+    return default if own is None else own
 
 
 class Point(BaseModel):
@@ -303,6 +412,12 @@ class PredictResponse(BaseModel):
     inference_time_ms: float
     confidence: float
     num_instances: int
+    suppressed: int | SkipJsonSchema[None] = Field(
+        None,
+        description="Batch with nms_iou_threshold: how many of this prompt's instances were removed as overlapping a "
+        "better-scoring instance (of any prompt); absent otherwise",
+        json_schema_extra=_absent_is_not_shown,
+    )
     image: ImageSize
     instances: list[InstanceOut]
     timings: dict[str, float]

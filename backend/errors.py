@@ -84,9 +84,20 @@ _FIELD_CODES = {
     "multimask": "invalid_option",
     "outputs": "invalid_option",
     "polygon_tolerance": "invalid_option",
+    "nms_iou_threshold": "invalid_option",
     "async": "invalid_option",
     "callback_url": "unsupported_callback_url",
 }
+
+
+# How pydantic names the branch of a union it tried, in an error's location: a batch prompt's form (the tags of
+# backend/api_models.py's BatchPromptEntry), or the member of an optional field (`none`, `str`, `constrained-float`,
+# `list[...]`). They are not fields the caller wrote, so a message leaves them out.
+_UNION_BRANCHES = frozenset({"string", "object", "none", "str"})
+
+
+def _is_union_branch(part: str | int) -> bool:
+    return isinstance(part, str) and (part in _UNION_BRANCHES or "-" in part or "[" in part)
 
 
 def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
@@ -94,7 +105,7 @@ def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
     if not errors:
         return 422, "invalid_request", "the request body is not valid"
     first = errors[0]
-    location = [part for part in first.get("loc", ()) if part != "body"]
+    location = [part for part in first.get("loc", ()) if part != "body" and not _is_union_branch(part)]
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     where = ".".join(str(part) for part in location)
     if first.get("type") == "json_invalid":
@@ -113,10 +124,12 @@ def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
     code = _FIELD_CODES.get(field, "invalid_request")
     if field == "prompts":
         error_type = first.get("type")
-        if error_type == "too_long":
+        if error_type == "too_long" and len(location) == 1:
             code = "too_many_prompts"
         elif "characters" in message:
             code = "prompt_too_long"
+        elif len(location) > 2 and location[2] != "text":  # a prompt object's option: coded as the request's own
+            code = _FIELD_CODES.get(str(location[2]), code)
     if field == "text_prompt" and first.get("type") != "string_too_long":
         code = "invalid_prompt"
     if first.get("type") == "missing" and len(location) == 1:

@@ -15,7 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from backend.api_models import BatchPredictRequest, PredictOptions, PredictRequest, TaskOptions, VisualPredictRequest
+from backend.api_models import (
+    BatchPredictRequest,
+    BatchPrompt,
+    PredictOptions,
+    PredictRequest,
+    TaskOptions,
+    VisualPredictRequest,
+)
 from backend.cost import refuse_if_too_heavy
 from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, to_api_error
 from backend.outputs import OutputMaker, model_needs_rle
@@ -61,18 +68,20 @@ class PredictPipeline:
     async def predict(self, request: PredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: the caller runs the task again when the model is down (503 model_loading /
         model_unavailable), so such a failure leaves the row `processing` instead of marking it failed."""
-        prompt = self._prompt(request, request.text_prompt)
+        prompt = self._prompt(request, request.text_prompt, request)
         label = request.text_prompt or BOX_ONLY_TEXT
         keys = [mask_key(request.user_id, request.task_id)]
-        kind = ConceptPrompts([prompt], [label], keys, request.max_instances)
+        kind = ConceptPrompts([prompt], [label], keys)
         body, summary = await self._run(request, kind, retries_model_down)
         return {**body[0], **_outputs(summary["outputs"])}
 
     async def predict_batch(self, request: BatchPredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: as for `predict`."""
-        prompts = [self._prompt(request, text) for text in request.prompts]
+        options = request.prompt_options()
+        prompts = [self._prompt(request, own.text, own) for own in options]
+        labels = [own.text or BOX_ONLY_TEXT for own in options]
         keys = [mask_key(request.user_id, request.task_id, index) for index in range(len(prompts))]
-        kind = ConceptPrompts(prompts, request.prompts, keys, request.max_instances)
+        kind = ConceptPrompts(prompts, labels, keys, request.nms_iou_threshold)
         results, combined = await self._run(request, kind, retries_model_down)
         return {
             "task_id": request.task_id,
@@ -93,13 +102,14 @@ class PredictPipeline:
         return {**body[0], **_outputs(summary["outputs"])}
 
     @staticmethod
-    def _prompt(request: PredictOptions, text: str | None) -> Prompt:
+    def _prompt(request: TaskOptions, text: str | None, options: PredictOptions | BatchPrompt) -> Prompt:
+        """`options`: the boxes, thresholds and limit (the request's, or a batch prompt's resolved ones)."""
         return Prompt(
             text=text,
-            boxes=box_prompts(request.boxes),
-            score_threshold=request.threshold,
-            mask_threshold=request.mask_threshold,
-            max_instances=request.max_instances,
+            boxes=box_prompts(options.boxes),
+            score_threshold=options.threshold,
+            mask_threshold=options.mask_threshold,
+            max_instances=options.max_instances,
             include_rle=model_needs_rle(request),
         )
 
@@ -269,6 +279,7 @@ def _body(request, label, result, key, url, inference_ms, timings, polygons) -> 
         "inference_time_ms": inference_ms,
         "confidence": max((instance["score"] for instance in instances), default=0.0),
         "num_instances": len(instances),
+        **({"suppressed": result["suppressed"]} if "suppressed" in result else {}),
         "image": {"width": width, "height": height},
         "instances": instances,
         "timings": timings,

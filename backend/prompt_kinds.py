@@ -46,20 +46,22 @@ class PromptKind(Protocol):
 class ConceptPrompts:
     """Predict's one prompt or batch's many, on one image: nothing fetched beside it, nothing kept after."""
 
-    def __init__(self, prompts: list[Prompt], labels: list[str], keys: list[str], max_instances: int) -> None:
+    def __init__(
+        self, prompts: list[Prompt], labels: list[str], keys: list[str], nms_iou_threshold: float | None = None
+    ) -> None:
         self.prompts = prompts
         self.labels = labels
         self.keys = keys
-        self.max_instances = max_instances
+        self.nms_iou_threshold = nms_iou_threshold  # across the prompts (Job.nms_iou_threshold); None: off
 
     async def fetch(self) -> None:
         return None
 
     def cost(self, image: bytes) -> Cost | None:
-        return estimate(image, len(self.prompts), self.max_instances)
+        return estimate(image, [prompt.max_instances for prompt in self.prompts])
 
     async def item(self, image: bytes, max_pixels: int, image_identity: str | None) -> dict:
-        return make_item(image, self.prompts, max_pixels, image_identity)
+        return make_item(image, self.prompts, max_pixels, image_identity, self.nms_iou_threshold)
 
     async def keep(self, outcome: dict) -> None:
         return None
@@ -82,7 +84,7 @@ class ObjectPrompt:
             self._refined = await self._refinements.load(self.request.user_id, self.request.refine_task_id)
 
     def cost(self, image: bytes) -> Cost | None:
-        return estimate(image, 1, MAX_CANDIDATES)
+        return estimate(image, [MAX_CANDIDATES])
 
     async def item(self, image: bytes, max_pixels: int, image_identity: str | None) -> dict:
         self._image_sha256 = await asyncio.to_thread(image_sha256, image)

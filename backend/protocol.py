@@ -21,14 +21,22 @@ LOGITS_DTYPE = "float16"
 _LOGITS_BYTES = np.dtype("<f2")  # float16, little-endian on every machine
 
 
-def make_item(image: bytes, prompts: list[Prompt], max_pixels: int, image_identity: str | None = None) -> dict:
+def make_item(
+    image: bytes,
+    prompts: list[Prompt],
+    max_pixels: int,
+    image_identity: str | None = None,
+    nms_iou_threshold: float | None = None,
+) -> dict:
     """`image_identity`: the stored object's identity and version (equal identities, equal bytes), under which the
-    model service caches the image's encoding; None (not a stored object) is never cached."""
+    model service caches the image's encoding; None (not a stored object) is never cached. `nms_iou_threshold`:
+    Job.nms_iou_threshold (None: off); each result then has "suppressed"."""
     return {
         "image": image,
         "prompts": [asdict(prompt) for prompt in prompts],
         "max_pixels": max_pixels,
         "image_identity": image_identity,
+        "nms_iou_threshold": nms_iou_threshold,
     }
 
 
@@ -93,7 +101,8 @@ def item_prompts(item: dict) -> list[Prompt]:
 
 
 def success(results: list[PromptResult], decode_ms: float) -> dict:
-    """The answer of an item: one result per concept prompt, or a visual prompt's one result plus "mask_logits"."""
+    """The answer of an item: one result per concept prompt, or a visual prompt's one result plus "mask_logits".
+    A result has "suppressed" (an int) only when its item asked for nms_iou_threshold."""
     answer = {
         "ok": True,
         "results": [
@@ -105,6 +114,7 @@ def success(results: list[PromptResult], decode_ms: float) -> dict:
                 "image_size": list(result.image_size),
                 "timings": {**result.timings_ms, "decode": round(decode_ms, 3)},
                 "cache": "hit" if result.cached_image else "miss",
+                **({} if result.suppressed is None else {"suppressed": result.suppressed}),
             }
             for result in results
         ],

@@ -258,7 +258,15 @@ def _prepare(
         return None, 0.0, failure("internal_error", f"the request could not be prepared ({type(exc).__name__})")
     if error:
         return None, 0.0, error
-    job = Job(pixels, prompts, partial(abandoned, item, cancelled), visual=visual, image_key=identity, encoded=encoded)
+    job = Job(
+        pixels,
+        prompts,
+        partial(abandoned, item, cancelled),
+        visual=visual,
+        image_key=identity,
+        encoded=encoded,
+        nms_iou_threshold=item.get("nms_iou_threshold"),
+    )
     return job, decode_ms, None
 
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(256, ge=1)
     max_batch_prompts: int = Field(32, ge=1)
     max_boxes: int = Field(16, ge=1)
-    # The most mask megapixels (prompts x max_instances x image megapixels: the full-resolution mask pixels that
+    # The most mask megapixels (the sum of the prompts' max_instances x image megapixels: the full-resolution pixels
     # post-processing may render, backend/cost.py) one request may ask for; above it: 422 request_too_heavy.
     # 40,000 admits every everyday request up to 32 prompts x 100 instances on a 12 MP phone photo (4032x3024:
     # 39,000; full HD: 6,600; the issue's 4000x3000 x 32 prompts: 38,400, served alone in slices), and refuses

@@ -33,7 +33,14 @@ from sam3_runner.acceleration import (
 )
 from sam3_runner.image_cache import EncodedImage, ImageCache
 from sam3_runner.loading import LoadedModel
-from sam3_runner.postprocess import KeptQueries, MaskRenderer, masks_per_pass, pixels_per_slice, select_queries
+from sam3_runner.postprocess import (
+    KeptQueries,
+    MaskRenderer,
+    masks_per_pass,
+    pixels_per_slice,
+    select_queries,
+    suppress_overlaps,
+)
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
 from sam3_runner.types import Abandoned, Job, PointPrompt, Prompt, PromptResult, VisualPrompt
@@ -191,6 +198,7 @@ class Sam3Engine:
             clock.lap("text")
 
         flat_results: list[PromptResult | None] = [None] * len(pairs)
+        deferred: dict[int, list[tuple[list[int], KeptQueries]]] = {}  # per job with NMS: its pairs' kept queries
         for group in self._head_groups(pairs) if pairs else []:
             for start in range(0, len(group), self.max_pairs_per_forward):
                 members = [
@@ -202,9 +210,17 @@ class Sam3Engine:
                 rows = to_device(torch.tensor(members), self.device)
                 outputs = self._heads(jobs, chunk, images, text_features[rows], text_mask[rows])
                 clock.lap("heads")
-                for index, result in zip(members, self._postprocess(jobs, chunk, outputs, wanted), strict=True):
-                    flat_results[index] = result
+                kept = self._select(chunk, outputs)
+                members, kept = _defer_suppressing_jobs(jobs, pairs, members, kept, deferred)
+                if members:
+                    chunk = [pairs[index] for index in members]
+                    for index, result in zip(members, self._render(jobs, chunk, kept, wanted), strict=True):
+                        flat_results[index] = result
                 clock.lap("postprocess")
+        if deferred:
+            for index, result in self._suppressed_results(jobs, pairs, deferred, wanted):
+                flat_results[index] = result
+            clock.lap("postprocess")
         visual = self._visual_results(jobs, images, wanted, clock)
 
         timings = clock.totals()
@@ -257,10 +273,15 @@ class Sam3Engine:
         size = job.size
         mask_thresholds = [prompt.mask_threshold for prompt in prompts]
         with_rle = [prompt.include_rle for prompt in prompts]
+        kept_queries = KeptQueries.concat(kept)
+        suppressed = None
+        if job.nms_iou_threshold is not None:
+            kept_queries, suppressed = suppress_overlaps(kept_queries, mask_thresholds, order, job.nms_iou_threshold)
+            clock.lap("postprocess")
         renderer = MaskRenderer(
-            KeptQueries.concat(kept), [size] * len(prompts), mask_thresholds, masks_per_pass(self.device), with_rle
+            kept_queries, [size] * len(prompts), mask_thresholds, masks_per_pass(self.device), with_rle
         )
-        return _Selected(renderer, order, size, clock, images)
+        return _Selected(renderer, order, size, clock, images, suppressed)
 
     def _render_slice(self, selected: _Selected) -> None:
         selected.clock.lap(_StageClock.IDLE)  # the device ran other work since the last unit
@@ -275,13 +296,14 @@ class Sam3Engine:
         timings = selected.clock.totals()
         timings["total"] = round(sum(timings.values()), 3)
         results: list[PromptResult | None] = [None] * len(rendered)
-        for index, pair in zip(selected.order, rendered, strict=True):
+        for position, (index, pair) in enumerate(zip(selected.order, rendered, strict=True)):
             results[index] = PromptResult(
                 instances=pair.instances,
                 union_mask=pair.union_mask,
                 image_size=(width, height),
                 timings_ms=selected.images.timings(0, timings),
                 cached_image=selected.images.cached[0],
+                suppressed=None if selected.suppressed is None else selected.suppressed[position],
             )
         return results
 
@@ -437,8 +459,35 @@ class Sam3Engine:
             limits,
         )
 
-    def _postprocess(self, jobs, pairs: list[tuple[int, Prompt]], outputs, wanted) -> list[PromptResult | None]:
-        kept = self._select(pairs, outputs)
+    def _suppressed_results(self, jobs, pairs, deferred, wanted) -> list[tuple[int, PromptResult | None]]:
+        """(pair index, result) for the pairs of the jobs with NMS still wanted: each job's kept queries, all of
+        its pairs together, less those suppress_overlaps removes, then rendered together."""
+        members: list[int] = []
+        parts: list[KeptQueries] = []
+        suppressed: list[int] = []
+        for job_index, stashed in deferred.items():
+            if not wanted(job_index):
+                continue
+            job_members = [index for indices, _ in stashed for index in indices]
+            kept, removed = suppress_overlaps(
+                KeptQueries.concat([kept for _, kept in stashed]),
+                [pairs[index][1].mask_threshold for index in job_members],
+                job_members,  # pairs are job-major, in prompt order: the lower index is the earlier prompt
+                jobs[job_index].nms_iou_threshold,
+            )
+            members += job_members
+            parts.append(kept)
+            suppressed += removed
+        if not members:
+            return []
+        chunk = [pairs[index] for index in members]
+        results = self._render(jobs, chunk, KeptQueries.concat(parts), wanted)
+        for result, removed in zip(results, suppressed, strict=True):
+            if result is not None:
+                result.suppressed = removed
+        return list(zip(members, results, strict=True))
+
+    def _render(self, jobs, pairs: list[tuple[int, Prompt]], kept: KeptQueries, wanted) -> list[PromptResult | None]:
         sizes = [jobs[job_index].size for job_index, _ in pairs]
         mask_thresholds = [prompt.mask_threshold for _, prompt in pairs]
         with_rle = [prompt.include_rle for _, prompt in pairs]
@@ -452,6 +501,21 @@ class Sam3Engine:
             else PromptResult(instances=pair.instances, union_mask=pair.union_mask, image_size=(width, height))
             for pair, (height, width) in zip(renderer.result(), sizes, strict=True)
         ]
+
+
+def _defer_suppressing_jobs(
+    jobs: Sequence[Job], pairs: list[tuple[int, Prompt]], members: list[int], kept: KeptQueries, deferred: dict
+) -> tuple[list[int], KeptQueries]:
+    """A head chunk's pairs to render now, and their kept queries: the pairs of a job with NMS wait in `deferred`
+    (job index -> [(pair indices, their kept queries)]) until all of that job's pairs have been selected."""
+    later = [position for position, index in enumerate(members) if jobs[pairs[index][0]].nms_iou_threshold is not None]
+    if not later:
+        return members, kept
+    for job_index in dict.fromkeys(pairs[members[position]][0] for position in later):
+        positions = [position for position in later if pairs[members[position]][0] == job_index]
+        deferred.setdefault(job_index, []).append(([members[p] for p in positions], kept.take(positions)))
+    now = sorted(set(range(len(members))) - set(later))
+    return [members[position] for position in now], kept.take(now)
 
 
 def _warm_up_jobs(images: int, prompts_per_image: int) -> list[Job]:
@@ -497,6 +561,7 @@ class _Selected:
     size: tuple[int, int]  # (height, width)
     clock: _StageClock
     images: _Images
+    suppressed: list[int] | None  # per rendered pair, with the job's NMS: how many of its instances it removed
 
 
 @dataclass

@@ -48,6 +48,21 @@ class KeptQueries:
             mask_logits=torch.cat([part.mask_logits for part in parts]),
         )
 
+    def take(self, pairs: list[int]) -> KeptQueries:
+        """The kept queries of these pairs (indices into `counts`), in that order."""
+        starts = np.cumsum([0, *self.counts])
+        rows = [row for pair in pairs for row in range(starts[pair], starts[pair + 1])]
+        return self._rows(rows, [self.counts[pair] for pair in pairs])
+
+    def _rows(self, rows: list[int], counts: list[int]) -> KeptQueries:
+        index = to_device(torch.tensor(rows, dtype=torch.long), self.scores.device)
+        return KeptQueries(
+            counts=counts,
+            scores=self.scores[index],
+            boxes=None if self.boxes is None else self.boxes[index],
+            mask_logits=self.mask_logits[index],
+        )
+
 
 @dataclass
 class RenderedPair:
@@ -76,6 +91,50 @@ def select_queries(
         boxes=pred_boxes[pair_index, query_index].float(),
         mask_logits=pred_masks[pair_index, query_index],
     )
+
+
+def suppress_overlaps(
+    kept: KeptQueries, mask_thresholds: list[float], ranks: list[int], iou_threshold: float
+) -> tuple[KeptQueries, list[int]]:
+    """Greedy mask non-maximum suppression over the kept queries of one image, whichever pair (prompt) each belongs
+    to: best score first, a query is removed when its mask's IoU with a better query still kept is above
+    `iou_threshold` (strictly: 1 removes nothing, since no IoU is above 1; 0 removes every query that shares a pixel
+    with a better one).
+
+    The masks are the low-resolution ones ([N, h, w] mask logits, 288 x 288 for SAM 3), on their device; only the
+    scores and the [N, N] boolean overlap matrix reach the host. Each mask is binarised as it is rendered:
+    logit > logit(t) at its pair's mask_threshold t (mask_thresholds, per pair). This is Meta's mask NMS
+    (sam3/perflib/nms.py, nms_masks, which SAM 3's detector runs on its low-resolution masks), whose cut,
+    logit > 0, is t = 0.5, the default. IoU is |A and B| / |A or B| with the union clamped to 1, so two empty
+    masks have IoU 0 (Meta's sam3/perflib/masks_ops.py, mask_iou); a query is removed when IoU > iou_threshold
+    (Meta's generic_nms keeps IoU <= threshold, as torchvision.ops.nms does with box IoU). The intersections are
+    one float32 matrix product of 0/1 masks: exact integers up to 2^24 pixels.
+
+    Ties in score go to the pair of lower rank (`ranks`, per pair: e.g. each prompt's index in its job), then to
+    the earlier query of the pair. Returns the queries left (pairs in order, each still best first) and, per
+    pair, how many were removed.
+    """
+    pairs = len(kept.counts)
+    owner = np.repeat(np.arange(pairs), kept.counts)
+    if not len(owner):
+        return kept, [0] * pairs
+    device = kept.mask_logits.device
+    cuts = torch.logit(_on_device([mask_thresholds[pair] for pair in owner], device))
+    masks = (kept.mask_logits.float() > cuts[:, None, None]).flatten(1).float()
+    intersections = masks @ masks.T
+    areas = masks.sum(dim=1)
+    iou = intersections / (areas[:, None] + areas[None, :] - intersections).clamp(min=1)
+    overlaps = (iou > iou_threshold).cpu().numpy()
+    np.fill_diagonal(overlaps, False)
+    scores = kept.scores.float().cpu().numpy()
+    order = np.lexsort((np.arange(len(owner)), np.asarray(ranks)[owner], -scores))  # the last key sorts first
+    removed = np.zeros(len(owner), dtype=bool)
+    for index in order:
+        if not removed[index]:  # no better query kept overlaps it: it stays, and removes the worse ones it overlaps
+            removed |= overlaps[index]
+    left = np.flatnonzero(~removed)
+    counts = np.bincount(owner[left], minlength=pairs).tolist()
+    return kept._rows(left.tolist(), counts), np.bincount(owner[removed], minlength=pairs).tolist()
 
 
 def masks_per_pass(device: torch.device) -> int:

@@ -96,6 +96,10 @@ class Job:
     `image_key` names the image's identity and version (equal keys, equal pixels): its encoding is then taken from
     and kept in the engine's image cache. `encoded` is a cache entry taken before decoding (a hit): `image` is
     then None and the job is answered from the entry even if the cache has evicted it since.
+
+    `nms_iou_threshold` (concept prompts; None: off): an instance whose mask overlaps a better one of the job, of
+    any of its prompts, with an IoU above it is removed (postprocess.suppress_overlaps), before any full-size mask
+    is rendered; each PromptResult then says how many of its instances were removed (`suppressed`).
     """
 
     image: np.ndarray | torch.Tensor | None
@@ -104,10 +108,13 @@ class Job:
     visual: VisualPrompt | None = None
     image_key: str | None = None
     encoded: EncodedImage | None = None
+    nms_iou_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.visual is not None and self.prompts:
             raise ValueError("a job carries concept prompts or one visual prompt, not both")
+        if self.nms_iou_threshold is not None and not 0 <= self.nms_iou_threshold <= 1:
+            raise ValueError(f"nms_iou_threshold must be in [0, 1], not {self.nms_iou_threshold}")
         if self.image is None and self.encoded is None:
             raise ValueError("a job needs its image's pixels or its encoding")
 
@@ -145,3 +152,6 @@ class PromptResult:
     # back as VisualPrompt.mask_input.
     mask_logits: np.ndarray | None = None
     cached_image: bool = False  # its image's encoding was not computed for it (image cache, or a twin in its batch)
+    # Jobs with nms_iou_threshold only: how many of this prompt's instances were removed as overlapping a better
+    # one; None when the job asked for no suppression.
+    suppressed: int | None = None

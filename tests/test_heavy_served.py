@@ -204,3 +204,14 @@ def test_a_request_over_the_cost_budget_is_422_before_any_model_work(patient, su
     row = task_row(supabase, body["task_id"])
     assert row["status"] == "failed" and row["error_message"].startswith("request_too_heavy")
     assert batching(patient)["batches"] == before
+
+
+def test_each_prompt_objects_max_instances_enters_the_cost(patient, supabase):
+    """23 prompts at the request's 1 and 9 objects at 200: 1,823 instances x 24 MP = 43,752 mask megapixels, over the
+    budget, though 32 x 1 x 24 would pass."""
+    prompts = ["car"] * 23 + [{"text": "car", "max_instances": 200}] * 9
+    body = request(supabase, image_url="images/huge.jpg", prompts=prompts, max_instances=1)
+    response = httpx.post(f"{patient.url}{BATCH}", json=body, headers=HEADERS, timeout=60)
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "1823 instances (the max_instances of 32 prompts summed)" in message and "43,752 mask megapixels" in message

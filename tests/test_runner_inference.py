@@ -258,3 +258,69 @@ def test_a_sliced_job_abandoned_between_slices_stops_there(engine, rng):
 
     job = Job(random_image(rng, 1200, 1600), [Prompt("cat", **ALL)], abandoned=abandoned_at_the_second_slice)
     assert engine.run_sliced(job) == Abandoned("cancelled") and len(asked) == 4
+
+
+def _answers(results) -> list[tuple[list, int | None]]:
+    return [(result.instances, result.suppressed) for result in results]
+
+
+def test_nms_keeps_one_copy_of_a_duplicated_prompts_instances_and_counts_the_rest(engine, rng):
+    """The same phrase twice finds the same instances twice (IoU 1): the first prompt keeps them (ties go to the
+    earlier prompt), the second loses every one, and says so. At 1 nothing is removed (no IoU is above 1)."""
+    image = random_image(rng, 48, 80)
+    alone = engine.run([Job(image, [Prompt("cat", **ALL)])])[0][0]
+    first, second = engine.run([Job(image, [Prompt("cat", **ALL)] * 2, nms_iou_threshold=0.99)])[0]
+    assert len(alone.instances) == 8 and second.instances == [] and second.suppressed == 8
+    kept = {instance.box for instance in first.instances}
+    assert first.instances == [i for i in alone.instances if i.box in kept] and first.suppressed == 8 - len(kept)
+    assert not second.union_mask.any() and np.array_equal(first.union_mask, _union(first.instances, image.shape))
+    both = engine.run([Job(image, [Prompt("cat", **ALL)] * 2, nms_iou_threshold=1.0)])[0]
+    assert _answers(both) == [(alone.instances, 0)] * 2
+
+
+def _union(instances, shape) -> np.ndarray:
+    union = np.zeros(shape[:2], dtype=bool)
+    for instance in instances:
+        union |= decode_rle(instance.rle)
+    return union
+
+
+def test_nms_across_a_phrase_and_an_exemplar_removes_from_the_worse_and_leaves_order_and_the_rest(engine, rng):
+    """A phrase and a box exemplar of one thing ("cup" and "mug"): with NMS each prompt keeps a subsequence of what it
+    finds alone, best first, less exactly as many as it reports; lowering the threshold never keeps more."""
+    image = random_image(rng, 64, 64)
+    prompts = [Prompt("cup", **ALL), Prompt(boxes=(BoxPrompt(4, 4, 40, 40),), **ALL)]
+    alone = engine.run([Job(image, prompts)])[0]
+    assert [result.suppressed for result in alone] == [None, None]
+    removed_before = 0
+    for threshold in (0.9, 0.5, 0.0):
+        deduplicated = engine.run([Job(image, prompts, nms_iou_threshold=threshold)])[0]
+        for got, everything in zip(deduplicated, alone, strict=True):
+            assert got.instances == [i for i in everything.instances if i in got.instances]
+            assert len(got.instances) + got.suppressed >= len(everything.instances)
+        removed = sum(result.suppressed for result in deduplicated)
+        assert removed >= removed_before
+        removed_before = removed
+    assert 0 < removed_before < 16  # at 0 some instances share pixels, and the best one always stays
+
+
+def test_nms_jobs_batched_with_others_and_sliced_give_what_they_give_alone(engine, rng):
+    """Head chunks of 2 pairs mix an NMS job's prompts with another job's: the NMS job's selection waits for all of
+    its prompts, the other job is answered as without NMS; the sliced run removes the same instances."""
+    chunked = Sam3Engine(engine.loaded, max_pairs_per_forward=2)
+    image = random_image(rng, 1200, 1600)
+    prompts = [Prompt("cat", **ALL), Prompt("dog", boxes=(BoxPrompt(5, 5, 400, 300),), **ALL), Prompt("cat", **ALL)]
+    other = Job(random_image(rng, 40, 60), [Prompt("tree", **ALL)])
+    deduplicated = Job(image, prompts, nms_iou_threshold=0.5)
+    batched = chunked.run([other, deduplicated, other])
+    alone = chunked.run([deduplicated])[0]
+    sliced = chunked.run_sliced(deduplicated)
+    assert _answers(sliced) == _answers(alone)
+    assert alone[2].instances == [] and alone[2].suppressed == 8  # the duplicate of prompt 0
+    for got, want in zip(batched[1], alone, strict=True):  # another batch: float noise, not another answer
+        assert got.suppressed == want.suppressed
+        assert_same_result(got, want)
+    other_alone = chunked.run([other])[0][0]
+    for results in (batched[0], batched[2]):
+        assert results[0].suppressed is None
+        assert_same_result(results[0], other_alone)

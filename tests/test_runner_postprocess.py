@@ -8,7 +8,15 @@ import torch
 from pycocotools import mask as mask_utils
 from runner_asserts import decode_rle
 
-from sam3_runner.postprocess import MASKS_PER_GPU_PASS, KeptQueries, MaskRenderer, _passes, mask_boxes, render_pairs
+from sam3_runner.postprocess import (
+    MASKS_PER_GPU_PASS,
+    KeptQueries,
+    MaskRenderer,
+    _passes,
+    mask_boxes,
+    render_pairs,
+    suppress_overlaps,
+)
 from sam3_runner.rle import encode_rle, encode_vectorised, encode_with_pycocotools
 
 
@@ -284,3 +292,79 @@ def test_candidates_keep_every_mask_box_it_by_its_mask_and_unite_only_the_best(p
             index += 1
         assert np.array_equal(pair.union_mask, masks[0])
     assert candidates[0].instances[2].area == 0 and candidates[0].instances[2].box == (0.0, 0.0, 0.0, 0.0)
+
+
+def _squares(*squares: tuple[int, int, int, int], size: int = 20) -> torch.Tensor:
+    """Mask logits [n, size, size]: +5 inside each (row0, col0, row1, col1) square (end exclusive), -5 outside."""
+    logits = torch.full((len(squares), size, size), -5.0)
+    for index, (row0, col0, row1, col1) in enumerate(squares):
+        logits[index, row0:row1, col0:col1] = 5.0
+    return logits
+
+
+def _kept(counts: list[int], scores: list[float], logits: torch.Tensor) -> KeptQueries:
+    boxes = torch.arange(len(scores) * 4, dtype=torch.float32).reshape(-1, 4)  # tells the queries apart
+    return KeptQueries(counts=counts, scores=torch.tensor(scores), boxes=boxes, mask_logits=logits)
+
+
+def _left(kept: KeptQueries) -> list[tuple[float, float]]:
+    """(score, first box value) of each query left, pair-major: which queries survived, in order."""
+    return [(round(score, 4), box[0]) for score, box in zip(kept.scores.tolist(), kept.boxes.tolist(), strict=True)]
+
+
+def test_nms_removes_exactly_the_greedy_duplicates_across_pairs():
+    """A (0.9, pair 0) and B (0.8, pair 1) overlap with IoU 7/13 = 0.54; C (0.7, pair 0) overlaps B as much but A
+    little (IoU 0.25); D (0.6, pair 1) overlaps nothing. Greedy NMS at 0.5 removes B only: C stays, since the one
+    that overlaps it was removed (suppressing by every better query, kept or not, would remove C too)."""
+    a, b, c, d = (0, 0, 10, 10), (0, 3, 10, 13), (0, 6, 10, 16), (14, 14, 20, 20)  # 10x10 squares 3 columns apart
+    kept = _kept([2, 2], [0.9, 0.7, 0.8, 0.6], _squares(a, c, b, d))
+    left, removed = suppress_overlaps(kept, [0.5, 0.5], [0, 1], 0.5)
+    assert left.counts == [2, 1] and removed == [0, 1]
+    assert _left(left) == [(0.9, 0.0), (0.7, 4.0), (0.6, 12.0)]
+    assert torch.equal(left.mask_logits, _squares(a, c, d))
+    everything, removed = suppress_overlaps(kept, [0.5, 0.5], [0, 1], 0.6)  # 0.54 is not above 0.6
+    assert everything.counts == [2, 2] and removed == [0, 0] and _left(everything) == _left(kept)
+
+
+def test_nms_removes_above_the_threshold_not_at_it():
+    """IoU exactly 0.5 (two 10x15 rectangles sharing 10x10 pixels): kept at 0.5, removed just below; identical
+    masks (IoU 1) are removed at any threshold below 1 and kept at 1, which therefore removes nothing."""
+    half = _kept([1, 1], [0.9, 0.8], _squares((0, 0, 10, 15), (0, 5, 10, 20)))  # 100 shared of 200: IoU 0.5
+    assert suppress_overlaps(half, [0.5, 0.5], [0, 1], 0.5)[1] == [0, 0]
+    assert suppress_overlaps(half, [0.5, 0.5], [0, 1], 0.4999)[1] == [0, 1]
+    same = _kept([1, 1], [0.9, 0.8], _squares((2, 2, 9, 9), (2, 2, 9, 9)))
+    assert suppress_overlaps(same, [0.5, 0.5], [0, 1], 0.99)[1] == [0, 1]
+    assert suppress_overlaps(same, [0.5, 0.5], [0, 1], 1.0)[1] == [0, 0]
+
+
+def test_nms_at_0_removes_whatever_shares_a_pixel_and_keeps_apart_and_empty_masks():
+    touching = _squares((0, 0, 5, 5), (4, 4, 12, 12), (15, 15, 20, 20), (0, 0, 0, 0), (0, 0, 0, 0))  # 2 empty
+    left, removed = suppress_overlaps(_kept([5], [0.9, 0.8, 0.7, 0.6, 0.5], touching), [0.5], [0], 0.0)
+    assert removed == [1] and _left(left) == [(0.9, 0.0), (0.7, 8.0), (0.6, 12.0), (0.5, 16.0)]
+
+
+def test_nms_ties_go_to_the_earlier_prompt_then_the_earlier_instance():
+    logits = _squares((0, 0, 10, 10), (0, 0, 10, 10))
+    kept = _kept([1, 1], [0.8, 0.8], logits)
+    assert suppress_overlaps(kept, [0.5, 0.5], [0, 1], 0.5)[1] == [0, 1]
+    assert suppress_overlaps(kept, [0.5, 0.5], [1, 0], 0.5)[1] == [1, 0]  # pairs in another order than prompts
+    within = suppress_overlaps(_kept([2], [0.8, 0.8], logits), [0.5], [0], 0.5)[0]
+    assert _left(within) == [(0.8, 0.0)]
+
+
+def test_nms_binarises_each_mask_at_its_pairs_mask_threshold():
+    """A soft mask (probability 0.6 on a wide square, 0.95 on its centre) against the centre square: at its pair's
+    mask_threshold 0.5 the masks differ (IoU 0.25), at 0.9 they are the same mask (IoU 1)."""
+    soft = torch.full((20, 20), -5.0)
+    soft[0:20, 0:20] = torch.logit(torch.tensor(0.6))
+    soft[5:15, 5:15] = torch.logit(torch.tensor(0.95))
+    centre = _squares((5, 5, 15, 15))[0]
+    kept = _kept([1, 1], [0.9, 0.8], torch.stack([centre, soft]))
+    assert suppress_overlaps(kept, [0.5, 0.5], [0, 1], 0.5)[1] == [0, 0]
+    assert suppress_overlaps(kept, [0.5, 0.9], [0, 1], 0.5)[1] == [0, 1]
+
+
+def test_nms_with_nothing_kept_removes_nothing():
+    kept = _kept([0, 0], [], torch.zeros(0, 20, 20))
+    left, removed = suppress_overlaps(kept, [0.5, 0.5], [0, 1], 0.5)
+    assert left.counts == [0, 0] and removed == [0, 0]

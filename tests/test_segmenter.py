@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -98,6 +99,21 @@ def test_a_sliced_item_gets_what_the_batch_gives_it(segmenter):
     late = addressed(item, "late", deadline=time.time() - 1)
     assert segmenter.segment_sliced(late)["error"]["code"] == "inference_timeout"
     assert segmenter.segment_sliced(make_item(b"junk", [Prompt("cat")], 10**8))["error"]["code"] == "invalid_image"
+
+
+def test_an_items_nms_threshold_reaches_its_job_batched_or_sliced_and_each_result_counts_its_removals(segmenter):
+    image = encode(random_image(np.random.default_rng(5), 300, 400))
+    prompts = [Prompt("cat", score_threshold=0.0)] * 2
+    plain = segmenter.segment([make_item(image, prompts, 10**8)])[0]
+    assert all("suppressed" not in result for result in plain["results"])
+    item = make_item(image, prompts, 10**8, nms_iou_threshold=0.5)
+    batched, sliced = segmenter.segment([item])[0], segmenter.segment_sliced(item)
+    for outcome in (batched, sliced):
+        first, second = outcome["results"]
+        assert second["instances"] == [] and second["suppressed"] == len(plain["results"][1]["instances"]) == 8
+        assert len(first["instances"]) + first["suppressed"] == 8
+        assert first["instances"] == [i for i in plain["results"][0]["instances"] if i in first["instances"]]
+    assert sliced["results"] == [{**result, "timings": ANY} for result in batched["results"]]
 
 
 def test_without_rle_the_model_computes_none_and_the_same_areas_and_union(segmenter):

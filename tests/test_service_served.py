@@ -20,6 +20,7 @@ from served import ServedBento
 
 API_KEY = "test-api-key-0123456789"
 HEADERS = {"X-API-Key": API_KEY}
+BATCH = "/api/v1/predict/batch"
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,7 @@ def test_batch_round_trip(server, storage_dir, image_key):
         assert prompt_result["mask_key"] == f"masks/user-1/{request['task_id']}/{index}.png"
         assert (storage_dir / prompt_result["mask_key"]).is_file()
         assert prompt_result["num_instances"] == 3 and all("rle" not in i for i in prompt_result["instances"])
+        assert "suppressed" not in prompt_result  # no nms_iou_threshold: the answer is as before it existed
     assert result["total_inference_time_ms"] > 0
     per_prompt = [np.array(Image.open(storage_dir / r["mask_key"])) == 255 for r in result["results"]]
     combined = np.array(Image.open(storage_dir / result["mask_key"])) == 255
@@ -177,6 +179,72 @@ def test_same_task_twice_gives_the_same_keys(server, image_key):
 
 LONG = "x" * 300
 TASK = "7c9e6679-7425-40de-944b-e07fc1f698c9"
+
+
+def _same_instances(got: list[dict], want: list[dict]) -> None:
+    """Another batch's answer: float noise, not another answer (as runner_asserts.assert_same_result)."""
+    assert [i["label"] for i in got] == [i["label"] for i in want]
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-4)
+        np.testing.assert_allclose(mine["box"], theirs["box"], atol=0.05)
+        mask, other = decode_rle(mine["rle"]), decode_rle(theirs["rle"])
+        assert (mask & other).sum() >= 0.99 * (mask | other).sum()
+
+
+def test_a_prompt_objects_own_options_change_that_prompts_answer_only(server, image_key):
+    """Strings and objects mixed: each object's options replace the request's for it alone; an object without
+    text is a box-only prompt, labelled "visual" as in predict."""
+    options = {"threshold": 0.5, "mask_threshold": 0.5, "max_instances": 100}
+    box = {"x1": 20, "y1": 10, "x2": 120, "y2": 90}
+    strings = body(image_key, **options)
+    del strings["text_prompt"]
+    strings["prompts"] = ["car", "person", "tree"]
+    mixed = {**strings, "task_id": str(uuid.uuid4())}
+    mixed["prompts"] = ["car", {"text": "person", "threshold": 0.0, "max_instances": 2}, "tree", {"boxes": [box]}]
+    plain, answer = post(server, BATCH, strings).json(), post(server, BATCH, mixed).json()
+    for index in (0, 2):
+        _same_instances(answer["results"][index]["instances"], plain["results"][index]["instances"])
+    person = answer["results"][1]
+    assert person["num_instances"] == 2 and person["labels"] == ["person"] * 2
+    alone = post(server, "/api/v1/predict", body(image_key, text_prompt="person", threshold=0.0, max_instances=2))
+    _same_instances(person["instances"], alone.json()["instances"])
+    assert len(plain["results"][1]["instances"]) != 2  # the request's own options answer otherwise
+    visual = answer["results"][3]
+    box_only = post(server, "/api/v1/predict", body(image_key, text_prompt=None, boxes=[box], **options)).json()
+    assert visual["labels"] == box_only["labels"] == ["visual"] * visual["num_instances"]
+    _same_instances(visual["instances"], box_only["instances"])
+    mask_only = {**mixed, "task_id": str(uuid.uuid4()), "prompts": ["car", {"text": "tree", "mask_threshold": 0.9}]}
+    coarse = post(server, BATCH, mask_only).json()["results"]
+    tree = post(
+        server,
+        "/api/v1/predict",
+        body(
+            image_key,
+            text_prompt="tree",
+            mask_threshold=0.9,
+            **{key: value for key, value in options.items() if key != "mask_threshold"},
+        ),
+    ).json()
+    _same_instances(coarse[1]["instances"], tree["instances"])
+    _same_instances(coarse[0]["instances"], plain["results"][0]["instances"])
+
+
+def test_nms_across_prompts_removes_a_duplicates_instances_and_counts_them_per_prompt(server, image_key):
+    """The same phrase twice: its copy loses every instance to the first (equal scores go to the earlier prompt);
+    each result reports what it lost; without nms_iou_threshold there is no count and nothing is removed."""
+    request = body(image_key, threshold=0.0, max_instances=4)
+    del request["text_prompt"]
+    request["prompts"] = ["car", {"text": "car", "max_instances": 2}, "tree"]
+    plain = post(server, BATCH, request).json()["results"]
+    deduplicated = post(server, BATCH, {**request, "task_id": str(uuid.uuid4()), "nms_iou_threshold": 0.5})
+    assert deduplicated.status_code == 200, deduplicated.text
+    results = deduplicated.json()["results"]
+    assert results[1]["instances"] == [] and results[1]["suppressed"] == 2 and results[1]["confidence"] == 0
+    for got, before in zip(results, plain, strict=True):
+        assert "suppressed" not in before
+        assert got["num_instances"] <= before["num_instances"] <= got["num_instances"] + got["suppressed"]
+        kept = [i for i in before["instances"] if i["box"] in [mine["box"] for mine in got["instances"]]]
+        assert [i["box"] for i in got["instances"]] == [i["box"] for i in kept]
 
 
 @pytest.mark.parametrize(
@@ -273,6 +341,23 @@ TASK = "7c9e6679-7425-40de-944b-e07fc1f698c9"
             422,
             "prompt_too_long",
         ),
+        *[
+            ("/api/v1/predict/batch", {"image_url": "a.jpg", "user_id": "u", "task_id": TASK, **fields}, 422, code)
+            for fields, code in [
+                ({"prompts": [{"threshold": 0.2}]}, "invalid_prompts"),  # no text, no boxes of its own or the request's
+                ({"prompts": [{"text": " \u200b ", "boxes": []}]}, "invalid_prompts"),
+                ({"prompts": ["car", 5]}, "invalid_prompts"),
+                ({"prompts": [{"text": 5}]}, "invalid_prompts"),
+                ({"prompts": [{"text": LONG}]}, "prompt_too_long"),
+                ({"prompts": [{"text": "x", "boxes": [{"x1": 10, "y1": 10, "x2": 5, "y2": 20}]}]}, "invalid_box"),
+                ({"prompts": [{"text": "x", "boxes": [{"x1": 1, "y1": 1, "x2": 5, "y2": 5}] * 17}]}, "invalid_box"),
+                ({"prompts": [{"text": "x", "threshold": 1.5}]}, "invalid_option"),
+                ({"prompts": [{"text": "x", "mask_threshold": "0.3"}]}, "invalid_option"),
+                ({"prompts": [{"text": "x", "max_instances": 0}]}, "invalid_option"),
+                ({"prompts": ["x"], "nms_iou_threshold": 1.01}, "invalid_option"),
+                ({"prompts": ["x"], "nms_iou_threshold": True}, "invalid_option"),
+            ]
+        ],
         (
             "/api/v1/predict",
             {"image_url": "images/missing.jpg", "text_prompt": "x", "user_id": "u", "task_id": TASK},
@@ -422,6 +507,28 @@ def test_openapi_shows_the_outputs_with_their_types(server):
     for response in ("PredictResponse", "BatchPredictResponse"):
         assert schemas[response]["properties"]["outputs"]["$ref"] == "#/components/schemas/OutputFiles"
         assert "outputs" not in schemas[response]["required"]
+
+
+def test_openapi_shows_prompt_objects_nms_and_the_suppressed_count(server):
+    schemas = httpx.get(f"{server.url}/api/v1/openapi.json", headers=HEADERS).json()["components"]["schemas"]
+    batch = schemas["BatchPredictRequest"]["properties"]
+    forms = batch["prompts"]["items"]["oneOf"]
+    assert forms == [{"type": "string"}, {"$ref": "#/components/schemas/BatchPrompt"}]
+    nms = batch["nms_iou_threshold"]
+    assert (nms["type"], nms["minimum"], nms["maximum"]) == ("number", 0, 1) and "default" not in nms
+    prompt = schemas["BatchPrompt"]
+    assert "required" not in prompt
+    kinds = {name: field.get("type") for name, field in prompt["properties"].items()}
+    assert kinds == {
+        "text": "string",
+        "boxes": "array",
+        "threshold": "number",
+        "mask_threshold": "number",
+        "max_instances": "integer",
+    }
+    assert prompt["properties"]["boxes"]["items"] == {"$ref": "#/components/schemas/Box"}
+    suppressed = schemas["PredictResponse"]["properties"]["suppressed"]
+    assert suppressed["type"] == "integer" and "suppressed" not in schemas["PredictResponse"]["required"]
 
 
 def test_swagger_page_loads_its_assets_from_the_server_without_a_key(server):

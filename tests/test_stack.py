@@ -26,6 +26,7 @@ from storage import LocalStorage, ObjectNotFound, ObjectTooLarge, R2Storage, Sto
 from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult
 
 pytestmark = pytest.mark.stack
+BATCH = "/api/v1/predict/batch"
 
 
 def predict(server, payload, path="/api/v1/predict"):
@@ -81,6 +82,31 @@ def test_batch_end_to_end(stack_server, r2, supabase, bucket):
         assert mask_in_bucket(bucket, r2, result["mask_key"]).shape == (90, 160)
     row = task_row(supabase, task_id)
     assert row["status"] == "completed" and len(row["labels"]) == 4
+
+
+def test_a_batch_with_prompt_objects_and_nms_reports_removals_in_the_response_and_the_row(stack_server, supabase):
+    """A phrase twice (the second as an object with its own options): every instance of the copy overlaps the
+    first's (IoU 1) and is removed; the counts are in each result, in the row's result too; the labels hold what
+    is left."""
+    request = {
+        "image_url": "images/in.jpg",
+        "prompts": ["car", {"text": "car", "threshold": 0.0, "max_instances": 3}],
+        "threshold": 0.0,
+        "max_instances": 5,
+    }
+    answers = []
+    for nms in ({}, {"nms_iou_threshold": 0.5}):
+        task_id, user_id = new_task_row(supabase)
+        response = predict(stack_server, {**request, **nms, "user_id": user_id, "task_id": task_id}, BATCH)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["results"])
+    (plain_first, plain_second), (first, second) = answers
+    assert "suppressed" not in plain_first and plain_second["num_instances"] >= 1
+    assert second["num_instances"] == 0 and second["suppressed"] >= plain_second["num_instances"]
+    assert 1 <= first["num_instances"] <= plain_first["num_instances"] <= first["num_instances"] + first["suppressed"]
+    row = task_row(supabase, task_id)
+    assert row["status"] == "completed" and len(row["labels"]) == first["num_instances"]
+    assert [result["suppressed"] for result in row["result"]["results"]] == [first["suppressed"], second["suppressed"]]
 
 
 @pytest.mark.parametrize("include_rle", [True, False])

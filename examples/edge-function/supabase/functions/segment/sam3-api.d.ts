@@ -174,8 +174,16 @@ export interface components {
              * @default 100
              */
             max_instances?: number;
-            /** Prompts */
-            prompts: string[];
+            /**
+             * Prompts
+             * @description Phrases, or objects with a phrase and/or exemplar boxes and options of their own
+             */
+            prompts: (string | components["schemas"]["BatchPrompt"])[];
+            /**
+             * Nms Iou Threshold
+             * @description Remove an instance whose mask overlaps a better-scoring one (any prompt) with an IoU above this; absent: off
+             */
+            nms_iou_threshold?: number;
         };
         /** BatchPredictResponse */
         BatchPredictResponse: {
@@ -204,6 +212,38 @@ export interface components {
              * @description The files outputs asked for, one set for all prompts; absent when it asked for none
              */
             outputs?: components["schemas"]["OutputFiles"];
+        };
+        /**
+         * BatchPrompt
+         * @description One batch prompt written as an object: a phrase and/or exemplar boxes, and its own options. Each option it
+         *     leaves out is the request's (`boxes` included: an object without `boxes` gets the request's, `[]` none).
+         */
+        BatchPrompt: {
+            /**
+             * Text
+             * @description A noun phrase, as predict's text_prompt
+             */
+            text?: string;
+            /**
+             * Boxes
+             * @description Exemplar boxes, as predict's; absent: the request's
+             */
+            boxes?: components["schemas"]["Box"][];
+            /**
+             * Threshold
+             * @description As the request's; absent: the request's
+             */
+            threshold?: number;
+            /**
+             * Mask Threshold
+             * @description As the request's; absent: the request's
+             */
+            mask_threshold?: number;
+            /**
+             * Max Instances
+             * @description As the request's; absent: the request's
+             */
+            max_instances?: number;
         };
         /**
          * Box
@@ -453,6 +493,11 @@ export interface components {
             confidence: number;
             /** Num Instances */
             num_instances: number;
+            /**
+             * Suppressed
+             * @description Batch with nms_iou_threshold: how many of this prompt's instances were removed as overlapping a better-scoring instance (of any prompt); absent otherwise
+             */
+            suppressed?: number;
             image: components["schemas"]["ImageSize"];
             /** Instances */
             instances: components["schemas"]["InstanceOut"][];
