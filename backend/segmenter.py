@@ -283,20 +283,22 @@ def _box_error(prompts: list[Prompt], width: int, height: int) -> dict | None:
     roi_align) sizes its sampling grid from the box, so a box far larger than the image costs seconds and, at
     extreme sizes, crashes the worker (seen on the CPU: x2 = y2 = 1e11 on a 640x480 image; at full size one
     pooling call took 0.15 s at 10x the image, 6.4 s at 60x)."""
-    for prompt in prompts:
+    for prompt_index, prompt in enumerate(prompts):
         for index, box in enumerate(prompt.boxes):
-            if error := _one_box_error(index, box, width, height):
+            name = f"prompt {prompt_index} box {index}" if len(prompts) > 1 else f"box {index}"
+            if error := _one_box_error(name, box, width, height):
                 return error
     return None
 
 
-def _one_box_error(index: int, box: BoxPrompt, width: int, height: int) -> dict | None:
+def _one_box_error(name: str, box: BoxPrompt, width: int, height: int) -> dict | None:
+    """`name` says which box in the message ("box 1", "prompt 2 box 0": indices as sent, 0-based)."""
     if box.x1 >= width or box.y1 >= height:
-        return failure("invalid_box", f"box {index} does not overlap the {width}x{height} image")
+        return failure("invalid_box", f"{name} does not overlap the {width}x{height} image")
     if box.x2 > MAX_BOX_OVERHANG * width or box.y2 > MAX_BOX_OVERHANG * height:
         return failure(
             "invalid_box",
-            f"box {index} runs too far past the {width}x{height} image "
+            f"{name} runs too far past the {width}x{height} image "
             f"(x2 <= {MAX_BOX_OVERHANG * width}, y2 <= {MAX_BOX_OVERHANG * height})",
         )
     return None
@@ -312,4 +314,4 @@ def _visual_error(visual: VisualPrompt, width: int, height: int) -> dict | None:
                 f"point {index} ({point.x:g}, {point.y:g}) is outside the {width}x{height} image "
                 f"(0 <= x < {width}, 0 <= y < {height})",
             )
-    return None if visual.box is None else _one_box_error(0, visual.box, width, height)
+    return None if visual.box is None else _one_box_error("the box", visual.box, width, height)

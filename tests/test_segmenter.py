@@ -280,6 +280,15 @@ def test_a_box_may_end_at_most_ten_image_sizes_away(segmenter):
     assert "runs too far past the 64x48 image (x2 <= 640, y2 <= 480)" in outcomes[1]["error"]["message"]
 
 
+def test_a_bad_box_in_a_batch_names_its_prompt(segmenter):
+    """A batch's boxes are checked per prompt once the image size is known: the message says which prompt's box
+    (0-based, as sent), so a client can tell the request's boxes from one prompt object's."""
+    image = encode(random_image(np.random.default_rng(9), 48, 64))
+    prompts = [Prompt("cup"), Prompt("mug", boxes=(BoxPrompt(1, 1, 5, 5), BoxPrompt(70, 2, 80, 9)))]
+    (outcome,) = segmenter.segment([make_item(image, prompts, 10**8)])
+    assert outcome["error"] == {"code": "invalid_box", "message": "prompt 1 box 1 does not overlap the 64x48 image"}
+
+
 def visual_item(image: bytes, **prompt) -> dict:
     return make_visual_item(image, VisualPrompt(**prompt), 10**8)
 
