@@ -107,14 +107,21 @@ def submit_all(server, path: str, bodies: list[dict]) -> list[httpx.Response]:
 
 
 def model_calls(server) -> float:
-    """Calls the model service answered (BentoML's request counter for its /segment route)."""
-    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    """Calls the model service answered (BentoML's request counter for its /segment route). A scrape now and then
+    lacks the model service's lines (its multiprocess metrics are read from files the worker is rewriting): such a
+    scrape is read again, so a missing line never reads as 0 calls."""
     pattern = r"^bentoml_service_request_total\{([^}]*)\} ([0-9.e+]+)$"
-    return sum(
-        float(value)
-        for labels, value in re.findall(pattern, metrics, flags=re.MULTILINE)
-        if 'endpoint="/segment"' in labels and 'service_name="sam3-model"' in labels
-    )
+    for _ in range(20):
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        values = [
+            float(value)
+            for labels, value in re.findall(pattern, metrics, flags=re.MULTILINE)
+            if 'endpoint="/segment"' in labels and 'service_name="sam3-model"' in labels
+        ]
+        if values:
+            return sum(values)
+        time.sleep(0.25)
+    return 0.0
 
 
 def mask_pixels(r2, bucket, key: str) -> np.ndarray:
