@@ -9,14 +9,10 @@ from pathlib import Path
 import torch
 from transformers import (
     Sam3Model,
-    Sam3TrackerVideoConfig,
-    Sam3TrackerVideoMaskDecoderConfig,
-    Sam3TrackerVideoPromptEncoderConfig,
-    Sam3VideoConfig,
     Sam3VideoModel,
 )
 
-from sam3_runner.demo import DEMO_IMAGE_SIZE, demo_config
+from sam3_runner.demo import demo_video_config
 from sam3_runner.meta_checkpoint import KeyPlan, plan_key, plan_video_key
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -70,33 +66,12 @@ def meta_layout(plan: KeyPlan, parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def tiny_video_model(seed: int = 0) -> Sam3VideoModel:
-    """A tiny `Sam3VideoModel` (the demo detector + a 32-wide tracker) with every tensor random, zero-initialised
-    embeddings included; the prompt encoder's two copies of its Fourier matrix agree, as in a converted sam3.pt."""
-    grid = DEMO_IMAGE_SIZE // 14
-    detector = demo_config()
-    tracker = Sam3TrackerVideoConfig(
-        vision_config=detector.vision_config,
-        prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(
-            hidden_size=32, image_size=DEMO_IMAGE_SIZE, patch_size=14
-        ),
-        mask_decoder_config=Sam3TrackerVideoMaskDecoderConfig(
-            hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32
-        ),
-        image_size=DEMO_IMAGE_SIZE,
-        memory_attention_hidden_size=32,
-        memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=64,
-        memory_attention_rope_feat_sizes=[grid, grid],
-        memory_encoder_hidden_size=32,
-        memory_encoder_output_channels=16,
-        mask_downsampler_embed_dim=32,
-        memory_fuser_num_layers=1,
-        memory_fuser_embed_dim=32,
-        memory_fuser_intermediate_dim=64,
-    )
+    """A tiny `Sam3VideoModel` (the demo's architecture: sam3_runner.demo.demo_video_config) with every tensor
+    random, zero-initialised embeddings included; the prompt encoder's two copies of its Fourier matrix agree, as
+    in a converted sam3.pt."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Sam3VideoModel(Sam3VideoConfig(detector_config=detector, tracker_config=tracker)).eval()
+        model = Sam3VideoModel(demo_video_config()).eval()
         with torch.no_grad():
             for tensor in model.state_dict().values():
                 tensor.copy_(torch.randn_like(tensor))
