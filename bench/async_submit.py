@@ -19,7 +19,9 @@ CPU per 202 is read from /proc for each process group over the measured phase (t
 own): what the gateway spends per submission, beside PostgREST, PostgreSQL, nginx, SeaweedFS and the clients.
 
 --baseline REV serves the code of git revision REV first (an export of it), then the working tree, on the same
-stand-ins: before and after in one run. Writes bench/results/<date>-<machine>-async-submit[-...].json and .md.
+stand-ins: before and after in one run; --baseline-without PKG,... hides installed packages from the baseline's
+processes (packages REV did not require, e.g. uvloop,httptools, which uvicorn uses whenever it can import them).
+Writes bench/results/<date>-<machine>-async-submit[-...].json and .md.
 """
 
 from __future__ import annotations
@@ -253,11 +255,20 @@ def export(revision: str, into: Path) -> Path:
     return into
 
 
+def hiding(packages: list[str], into: Path) -> dict[str, str]:
+    """The environment that makes `import PKG` fail in a served Bento, for each of `packages`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for package in packages:
+        (into / f"{package}.py").write_text(f'raise ImportError("{package} hidden by bench/async_submit.py")\n')
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(into), os.environ.get("PYTHONPATH")]))} if packages else {}
+
+
 def serve_and_measure(name, directory, env, workdir, db_url, args, roots) -> dict:
     """One served tree: warm-up, one submitter alone, then each load."""
     context = multiprocessing.get_context("spawn")
-    env = {**env, "JOB_STORE_PATH": str(workdir / f"jobs-{name}.sqlite3")}
-    bento = ServedBento(env, workdir / f"serve-{name}.log", directory=directory).start(timeout_s=300)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    env = {**env, "JOB_STORE_PATH": str(workdir / f"jobs-{slug}.sqlite3")}
+    bento = ServedBento(env, workdir / f"serve-{slug}.log", directory=directory).start(timeout_s=300)
     try:
         first = args.warmup + args.sequential
         rows = create_rows(db_url, first)
@@ -323,6 +334,7 @@ def main() -> None:
     )
     parser.add_argument("--jobs", choices=("meanwhile", "held"), default="meanwhile")
     parser.add_argument("--baseline", help="a git revision to serve first, for before/after on the same stand-ins")
+    parser.add_argument("--baseline-without", default="", help="comma-separated packages hidden from the baseline")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the served Bento")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
@@ -333,16 +345,18 @@ def main() -> None:
     subject = f"{platform.machine()} {len(os.sched_getaffinity(0))} cores"
     settings = {"MAX_QUEUED_JOBS": "100000", **dict(item.split("=", 1) for item in args.env)}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    trees = [(f"working tree ({head.stdout.strip()}+)", ROOT)]
+    trees = [(f"working tree ({head.stdout.strip()}+)", ROOT, {})]
     if args.baseline:
-        trees.insert(0, (f"baseline {args.baseline}", export(args.baseline, workdir / "baseline")))
+        hidden = [package for package in args.baseline_without.split(",") if package]
+        name = f"baseline {args.baseline}" + (f" without {', '.join(hidden)}" if hidden else "")
+        trees.insert(0, (name, export(args.baseline, workdir / "baseline"), hiding(hidden, workdir / "hidden")))
     with running("s3_server.sh", workdir / "r2") as r2, running("supabase_stack.sh", workdir / "supabase") as supabase:
         s3_client(r2).put_object(Bucket=r2["R2_BUCKET"], Key=IMAGE_KEY, Body=synthetic_jpeg(640, 480, 1))
         env = {**r2_settings(r2), **supabase_settings(supabase), "API_SECRET_KEY": STACK_API_KEY, **settings}
         roots = {group: [pid] for group, pid in stack_roots(workdir / "r2", workdir / "supabase").items()}
         runs = [
-            serve_and_measure(name, directory, env, workdir, supabase["SUPABASE_DB_URL"], args, roots)
-            for name, directory in trees
+            serve_and_measure(name, directory, {**env, **extra}, workdir, supabase["SUPABASE_DB_URL"], args, roots)
+            for name, directory, extra in trees
         ]
 
     report = {
