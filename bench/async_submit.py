@@ -21,6 +21,7 @@ own): what the gateway spends per submission, beside PostgREST, PostgreSQL, ngin
 --baseline REV serves the code of git revision REV first (an export of it), then the working tree, on the same
 stand-ins: before and after in one run; --baseline-without PKG,... hides installed packages from the baseline's
 processes (packages REV did not require, e.g. uvloop,httptools, which uvicorn uses whenever it can import them).
+--repeat N measures each load N times on each tree (the box is shared: the spread shows).
 Writes bench/results/<date>-<machine>-async-submit[-...].json and .md.
 """
 
@@ -275,15 +276,25 @@ def serve_and_measure(name, directory, env, workdir, db_url, args, roots) -> dic
         in_processes(context, bento.url, [[rows[: args.warmup]]], [None])
         alone, _ = in_processes(context, bento.url, [[rows[args.warmup :]]], [None])
         wait_until_finished(bento.url, [task for task, _ in rows], timeout_s=600)
-        loads = [measure_load(context, bento, db_url, args, rate, roots) for rate in args.loads]
+        loads = [
+            measure_load(context, bento, db_url, args, rate, roots) for rate in args.loads for _ in range(args.repeat)
+        ]
     finally:
         bento.stop()
     return {"served": name, "one_submitter": summary(alone), "loads": loads}
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def markdown(report: dict) -> str:
     lines = [
-        f"Async submission on {report['machine']}: {report['served']}; {report['request']}; {report['jobs']}.",
+        f"Async submission on {report['machine']} (host {report['host']}, {report['cpu']}): {report['served']}; "
+        f"{report['request']}; {report['jobs']}.",
         f"Load average before: {report['load_average_before']} (the box is shared).",
         "",
         "| served | submitters | load | submissions | 202 p50 ms | 202 p99 ms | submissions/s |",
@@ -332,6 +343,7 @@ def main() -> None:
     parser.add_argument(
         "--loads", default="0,40", help="comma-separated: 0 = closed loop, R = R submissions/s in all (open loop)"
     )
+    parser.add_argument("--repeat", type=int, default=1, help="each load this many times (the box is shared)")
     parser.add_argument("--jobs", choices=("meanwhile", "held"), default="meanwhile")
     parser.add_argument("--baseline", help="a git revision to serve first, for before/after on the same stand-ins")
     parser.add_argument("--baseline-without", default="", help="comma-separated packages hidden from the baseline")
@@ -362,6 +374,8 @@ def main() -> None:
     report = {
         "date": dt.date.today().isoformat(),
         "machine": subject,
+        "host": platform.node(),
+        "cpu": cpu_model(),
         "load_average_before": [round(value, 2) for value in load_before],
         "served": "bentoml serve (demo model), Supabase and R2 stand-ins on loopback, "
         + ", ".join(f"{k}={v}" for k, v in settings.items()),
