@@ -387,7 +387,7 @@ def main() -> None:
         "client_processes": args.processes,
         "runs": runs,
     }
-    kind = "async-submit" + ("-held" if args.jobs == "held" else "")
+    kind = "async-submit" + ("-held" if args.jobs == "held" else "") + (f"-x{args.repeat}" if args.repeat > 1 else "")
     kind += "".join("-" + re.sub(r"[^a-z0-9.]+", "-", item.lower()).strip("-") for item in args.env)
     save(report, args.out, subject, kind, markdown=markdown(report))
     print(markdown(report))
