@@ -2,9 +2,9 @@
 
 A row's UPDATE (every request and every async job, one of them before each 202) is a PATCH to PostgREST through
 aiohttp; the stale-row sweep (once a minute) goes through supabase-py. Why not supabase-py for both: it sends with
-httpx, whose connection pool (httpcore) costs ~2 ms of CPU per request at 32 concurrent requests on the 2-core
-dev box, against ~0.2 ms for aiohttp, with the same answers (bench/row_update.py, `*-row-update.json`); under 32
-concurrent async submitters that was the largest part of the gateway's CPU per 202 (bench/NOTES.md).
+httpx, whose connection pool (httpcore) costs 0.9-1.6 ms of CPU per request at 32 concurrent requests on the
+2-core dev box, against ~0.45 ms for aiohttp, with the same answers (bench/row_update.py, `*-row-update.json`); under
+32 concurrent async submitters it was about half of the gateway's CPU per 202 (bench/NOTES.md).
 """
 
 from __future__ import annotations
