@@ -176,7 +176,7 @@ class SupabaseTaskStore:
         ) as response:
             body = await response.read()
         if 200 <= response.status < 300:
-            return json.loads(body)
+            return json.loads(body) if body else []
         try:
             error = json.loads(body)
         except ValueError:
