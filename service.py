@@ -193,6 +193,7 @@ class Gateway:
     async def _stop_jobs(self) -> None:
         """BentoML runs this in the lifespan shutdown, once uvicorn has answered the open HTTP requests."""
         await self.runner.stop()
+        await self.pipeline.tasks.close()
 
     # exclude_unset: an instance without `rle` (include_rle: false) answers without the key, not "rle": null
     @api.post(

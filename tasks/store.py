@@ -1,13 +1,22 @@
-"""Task rows in Supabase, written through supabase-py with the service_role key. UPDATE only, never insert or delete."""
+"""Task rows in Supabase, written with the service_role key. UPDATE only, never insert or delete.
+
+A row's UPDATE (every request and every async job, one of them before each 202) is a PATCH to PostgREST through
+aiohttp; the stale-row sweep (once a minute) goes through supabase-py. Why not supabase-py for both: it sends with
+httpx, whose connection pool (httpcore) costs 0.9-1.6 ms of CPU per request at 32 concurrent requests on the
+2-core dev box, against ~0.45 ms for aiohttp, with the same answers (bench/row_update.py, `*-row-update.json`); under
+32 concurrent async submitters it was about half of the gateway's CPU per 202 (bench/NOTES.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
 import httpx
 from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
@@ -41,6 +50,8 @@ class TaskStore(Protocol):
 
     async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]: ...
 
+    async def close(self) -> None: ...
+
 
 class DisabledTaskStore:
     """No Supabase configured (the embedded default): nothing is recorded, as announced at startup."""
@@ -59,6 +70,9 @@ class DisabledTaskStore:
     async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]:
         return []
 
+    async def close(self) -> None:
+        return None
+
 
 class SupabaseTaskStore:
     enabled = True
@@ -70,6 +84,9 @@ class SupabaseTaskStore:
         self._timeout_s = timeout_s
         self._client: AsyncClient | None = None
         self._client_lock = asyncio.Lock()
+        self._rows_url = f"{url.rstrip('/')}/rest/v1/{table}"
+        self._session: aiohttp.ClientSession | None = None  # the row updates' connections...
+        self._session_loop: asyncio.AbstractEventLoop | None = None  # ...on this event loop
         self._result_column = True  # dropped after the table says it has none
 
     async def mark_processing(self, task_id: str) -> None:
@@ -95,6 +112,12 @@ class SupabaseTaskStore:
 
     async def mark_failed(self, task_id: str, message: str) -> None:
         await self._update(task_id, {"status": FAILED, "error_message": message[:2000]})
+
+    async def close(self) -> None:
+        """Close the row updates' connections (on shutdown)."""
+        if self._session is not None and self._session_loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = self._session_loop = None
 
     async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]:
         """Mark failed at most `limit` rows still `processing` whose `updated_at` (the table's trigger) is more
@@ -127,9 +150,15 @@ class SupabaseTaskStore:
         return [row["id"] for row in failed.data]
 
     async def _update(self, task_id: str, values: dict) -> None:
-        client = await self._get_client()
-        response = await self._call(client.table(self._table).update(values).eq("id", task_id).execute())
-        if not response.data:
+        """PATCH the row (PostgREST, as supabase-py's `update().eq("id", ...)` sends it) and read back only its id."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                updated = await self._patch(task_id, values)
+        except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
+            raise TaskStoreTimeout("Supabase did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise TaskStoreUnavailable(f"Supabase could not be reached ({type(exc).__name__})") from None
+        if not updated:
             # PostgREST answers 200 [] both for a missing row and for one that RLS hides from a weak key.
             log.error("task %s: the UPDATE matched no row (missing row, or a key without service_role)", task_id)
             raise TaskNotUpdated(
@@ -137,15 +166,45 @@ class SupabaseTaskStore:
                 "or SUPABASE_SERVICE_KEY is not the service_role key"
             )
 
+    async def _patch(self, task_id: str, values: dict) -> list:
+        session = self._rows_session()
+        async with session.patch(
+            self._rows_url,
+            params={"id": f"eq.{task_id}", "select": "id"},
+            data=json.dumps(values, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),  # as httpx
+            headers={"Prefer": "return=representation"},
+        ) as response:
+            body = await response.read()
+        if 200 <= response.status < 300:
+            return json.loads(body) if body else []
+        try:
+            error = json.loads(body)
+        except ValueError:
+            error = None
+        if isinstance(error, dict):  # PostgREST's error object (or the API gateway's {"message"})
+            raise _rejected(error.get("code"), error.get("message"))
+        # anything else, e.g. a proxy's error page: the status instead, as postgrest-py does
+        raise _rejected(str(response.status), response.reason or f"Request failed with status {response.status}")
+
+    def _rows_session(self) -> aiohttp.ClientSession:
+        """Keep-alive connections for the row updates, on the running event loop (the served gateway has one;
+        a test may run several in turn). Proxies and CA certificates as supabase-py (httpx) would use them."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session_loop is not loop:
+            key = self._key
+            self._session_loop = loop
+            self._session = aiohttp.ClientSession(
+                headers={"apikey": key, "Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                connector=aiohttp.TCPConnector(ssl=httpx.create_ssl_context()),
+                trust_env=True,
+            )
+        return self._session
+
     async def _call(self, request):
         try:
             return await asyncio.wait_for(request, self._timeout_s)
         except APIError as exc:
-            if exc.code == _MISSING_COLUMN and "result" in (exc.message or ""):
-                raise _MissingResultColumn from None
-            if str(exc.code) in _REFUSED_KEY:
-                raise TaskStoreUnavailable("Supabase refused the key: check SUPABASE_SERVICE_KEY") from None
-            raise TaskStoreUnavailable(f"Supabase rejected the update ({exc.code}: {exc.message})") from None
+            raise _rejected(exc.code, exc.message) from None
         except (TimeoutError, httpx.TimeoutException):
             raise TaskStoreTimeout("Supabase did not answer in time") from None
         except httpx.HTTPError as exc:
@@ -161,3 +220,12 @@ class SupabaseTaskStore:
 
 class _MissingResultColumn(Exception):
     pass
+
+
+def _rejected(code: str | None, message: str | None) -> Exception:
+    """What an error answer from PostgREST (its `code` and `message`) means here."""
+    if code == _MISSING_COLUMN and "result" in (message or ""):
+        return _MissingResultColumn()
+    if str(code) in _REFUSED_KEY:
+        return TaskStoreUnavailable("Supabase refused the key: check SUPABASE_SERVICE_KEY")
+    return TaskStoreUnavailable(f"Supabase rejected the update ({code}: {message})")

@@ -23,7 +23,7 @@ from backend.api_models import PredictRequest
 from backend.errors import ApiError
 from backend.pipeline import Limits, PredictPipeline
 from storage import LocalStorage, ObjectNotFound, ObjectTooLarge, R2Storage, StorageUnavailable, UnsupportedImageUrl
-from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult
+from tasks import SupabaseTaskStore, TaskNotUpdated, TaskResult, TaskStoreTimeout, TaskStoreUnavailable
 
 pytestmark = pytest.mark.stack
 BATCH = "/api/v1/predict/batch"
@@ -239,6 +239,45 @@ def test_anon_key_cannot_update_rows(supabase):
     with pytest.raises(TaskNotUpdated, match="service_role"):
         asyncio.run(anon.mark_processing(task_id))
     assert task_row(supabase, task_id)["status"] == "pending"
+
+
+def test_row_updates_answer_what_supabase_says(supabase):
+    """The row UPDATE's outcomes through the real API gateway and PostgREST: done, no such row, a key the gateway
+    refuses, an update PostgreSQL rejects (with its code and message), one store used from two event loops."""
+    import psycopg
+
+    url, key = supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"]
+    task_id, _ = new_task_row(supabase, status="pending")
+    store = SupabaseTaskStore(url, key)
+    asyncio.run(store.mark_processing(task_id))
+    asyncio.run(store.mark_failed(task_id, "invalid_image: not an image"))  # the same store, a second event loop
+    row = task_row(supabase, task_id)
+    assert (row["status"], row["error_message"]) == ("failed", "invalid_image: not an image")
+    with pytest.raises(TaskNotUpdated, match="does not exist"):
+        asyncio.run(store.mark_processing(str(uuid.uuid4())))
+    with pytest.raises(TaskStoreUnavailable, match="Invalid API key"):
+        asyncio.run(SupabaseTaskStore(url, "not-a-key").mark_processing(task_id))
+    with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
+        db.execute("create table public.short_results (id uuid primary key, status text, error_message varchar(10))")
+        db.execute("insert into public.short_results (id, status) values (%s, 'pending')", (task_id,))
+        db.execute("notify pgrst, 'reload schema'")
+    time.sleep(1.0)
+    short = SupabaseTaskStore(url, key, table="short_results")
+    with pytest.raises(TaskStoreUnavailable, match=r"rejected the update \(22001: value too long"):
+        asyncio.run(short.mark_failed(task_id, "inference_failed: a message longer than ten characters"))
+    assert task_row(supabase, task_id)["status"] == "failed"
+
+
+def test_a_supabase_that_never_answers_is_a_timeout():
+    listening = socket.socket()  # accepts connections (the kernel's backlog), never answers
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    try:
+        store = SupabaseTaskStore(f"http://127.0.0.1:{listening.getsockname()[1]}", "key", timeout_s=0.5)
+        with pytest.raises(TaskStoreTimeout, match="did not answer in time"):
+            asyncio.run(store.mark_processing(str(uuid.uuid4())))
+    finally:
+        listening.close()
 
 
 def test_table_without_result_column_still_completes(supabase):
