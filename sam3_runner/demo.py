@@ -42,9 +42,12 @@ DEMO_NO_MEMORY_EMBEDDING_STD = 0.5
 # biases (single-mask token, then the 3 candidates) rank the candidates clearly, and not in their token order.
 DEMO_IOU_LOGITS = (0.5, 1.5, -0.5, 1.0)
 # Drawn at transformers' default std (0.02), the tiny tracker's mask logits are ~1e-5: every mask is noise around the
-# cut, and a mask prompt or the no-memory embedding moves nothing visible. At 0.3 they are ~1, as trained SAM's are.
-DEMO_TRACKER_INIT_STD = 0.3
-_HIDDEN = 32
+# cut, and a mask prompt or the no-memory embedding moves nothing visible. At 0.15 (hidden size 128) they are ~1, as
+# trained SAM's are.
+DEMO_TRACKER_INIT_STD = 0.15
+# The tracker's video memory needs a hidden size above its 64 memory channels (transformers splits each object
+# pointer into hidden/64 memory tokens, and its memory cross-attention reads 64 channels).
+_HIDDEN = 128
 
 
 def demo_config() -> Sam3Config:
@@ -107,7 +110,7 @@ def demo_video_config() -> Sam3VideoConfig:
         memory_attention_feed_forward_hidden_size=64,
         memory_attention_rope_feat_sizes=[grid, grid],
         memory_encoder_hidden_size=_HIDDEN,
-        memory_encoder_output_channels=16,
+        memory_encoder_output_channels=64,
         mask_downsampler_embed_dim=_HIDDEN,
         memory_fuser_embed_dim=_HIDDEN,
         memory_fuser_intermediate_dim=64,

@@ -82,6 +82,9 @@ class LoadedModel:
     load_seconds: float
     tracker: Sam3TrackerVideoModel | None = None
     tracker_neck: Sam3VisionNeck | None = None
+    # The container of detector + tracker + tracker neck (the same modules as above, not copies), for video
+    # tracking (sam3_runner/video.py); None for detector-only weights.
+    video: Sam3VideoModel | None = None
 
     @property
     def visual_prompts(self) -> bool:
@@ -210,6 +213,7 @@ def load_model(
         time.perf_counter() - started,
         tracker,
         tracker_neck,
+        model if isinstance(model, Sam3VideoModel) else None,
     )
     log.info(
         "SAM 3 loaded from %s (%s) on %s as %s: %s parameters in %.1f s; visual prompts %s",

@@ -51,6 +51,10 @@ def assert_identical(got: list[PromptResult], want: list[PromptResult]) -> None:
         assert np.array_equal(a.union_mask, b.union_mask)
 
 
+# One tiny-model image's trunk output: 16 tokens (56 / 14 squared) x 128 channels (sam3_runner/demo.py), fp32.
+TINY_TRUNK_BYTES = 16 * 128 * 4
+
+
 def trunk_of(height: int = 16, width: int = 32, tokens: int = 10) -> EncodedImage:
     return EncodedImage(torch.zeros(tokens, 8), height, width)  # 320 bytes in fp32
 
@@ -149,7 +153,7 @@ def test_a_job_without_a_key_is_never_cached(cached_engine, rng):
 
 def test_an_entry_taken_before_its_eviction_still_answers_its_job(tiny_model_dir, rng):
     """The segmenter takes the entry before decoding; the cache may evict it before the job runs."""
-    engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), image_cache_bytes=2 * 16 * 32 * 4)  # 2 images
+    engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), image_cache_bytes=2 * TINY_TRUNK_BYTES)  # 2 images
     image = random_image(rng, 48, 64)
     miss = engine.run([Job(image, PROMPTS, image_key="taken")])[0]
     entry = engine.image_cache.get("taken")
@@ -175,7 +179,7 @@ def test_the_same_image_twice_in_one_batch_is_encoded_once(cached_engine, rng):
 
 
 def test_the_cache_never_exceeds_its_bound_through_the_engine(tiny_model_dir, rng):
-    bound = 3 * 16 * 32 * 4  # three tiny-model trunks (16 tokens x 32 channels, fp32)
+    bound = 3 * TINY_TRUNK_BYTES
     engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), image_cache_bytes=bound)
     for index in range(7):
         engine.run([Job(random_image(rng, 20 + index, 30), PROMPTS[:1], image_key=f"image-{index}")])

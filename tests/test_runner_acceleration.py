@@ -58,7 +58,7 @@ def test_boxes_pooled_in_one_call_encode_like_transformers_and_keep_the_pair_cou
     generator = torch.Generator().manual_seed(0)
     boxes = torch.rand(3, 2, 4, generator=generator) * 0.5 + 0.2  # cxcywh, inside the image
     labels = torch.tensor([[1, 0], [1, 1], [0, 1]])
-    features = torch.randn(3, 32, 18, 18, generator=generator)
+    features = torch.randn(3, model.config.geometry_encoder_config.hidden_size, 18, 18, generator=generator)
     mask = torch.ones(3, 2, dtype=torch.bool)
     with torch.inference_mode():
         want = model.geometry_encoder._encode_boxes(boxes, mask, labels, features)
