@@ -153,7 +153,7 @@ def test_a_job_without_a_key_is_never_cached(cached_engine, rng):
 
 def test_an_entry_taken_before_its_eviction_still_answers_its_job(tiny_model_dir, rng):
     """The segmenter takes the entry before decoding; the cache may evict it before the job runs."""
-    engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), image_cache_bytes=2 * TINY_TRUNK_BYTES)  # 2 images
+    engine = Sam3Engine(load_model(str(tiny_model_dir), device="cpu"), image_cache_bytes=2 * TINY_TRUNK_BYTES)
     image = random_image(rng, 48, 64)
     miss = engine.run([Job(image, PROMPTS, image_key="taken")])[0]
     entry = engine.image_cache.get("taken")
