@@ -8,11 +8,14 @@ With "async": true the gateway answers 202 once the job is recorded, and its job
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sqlite3
 import uuid
+from collections.abc import AsyncGenerator
+from pathlib import Path as FilePath
 
 import bentoml
 import psutil
@@ -33,18 +36,21 @@ from backend.api_models import (
     PredictResponse,
     TaskOptions,
     TaskStatus,
+    VideoPredictRequest,
     VisualPredictRequest,
 )
 from backend.auth import API_KEY_SCHEME, DOCS_ASSETS_PREFIX, ApiKeyMiddleware
 from backend.disconnect import until_disconnected
-from backend.errors import ApiError, error_response, validation_error_code
+from backend.errors import ApiError, error_response, for_video, validation_error_code
 from backend.model_client import ModelClient
 from backend.paths import ControlCharacterPaths
 from backend.pipeline import Limits, PredictPipeline
 from backend.segmenter import Segmenter
 from backend.settings import get_settings
+from backend.video_pipeline import VideoPipeline, VideoSettings
 from backend.wiring import build_jobs, build_store, build_task_store, check_auth, check_exposure, listening_hosts
-from jobs import accepted_body, status_body
+from jobs import Pipelines, accepted_body, status_body
+from video import VideoLimits
 
 log = logging.getLogger("sam3.service")
 settings = get_settings()
@@ -63,6 +69,11 @@ PREDICT_RESPONSES = {
         "description": "queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full",
         "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
     },
+}
+VIDEO_RESPONSES = {
+    **{status: {"model": ErrorResponse} for status in (400, 401, 404, 422, 502, 504)},
+    202: {"model": JobAccepted, "description": "Accepted: the job is recorded and runs (video tasks are async only)"},
+    429: PREDICT_RESPONSES[429],
 }
 VISUAL_RESPONSES = {
     **PREDICT_RESPONSES,
@@ -111,7 +122,9 @@ async def _unexpected(request: Request, exc: Exception):
     name="sam3-model",
     resources={"gpu": settings.model_workers},
     workers=settings.model_workers,
-    traffic={"timeout": settings.model_timeout_s},
+    # A clip streams its frames through one call for up to VIDEO_TIMEOUT_S; an image item's MODEL_TIMEOUT_S is kept
+    # by its deadline here and by the gateway's client (backend/model_client.py).
+    traffic={"timeout": max(settings.model_timeout_s, settings.video_timeout_s)},
     # BentoML's internal client recycles connections in use (bentoml#5540): never recycle them.
     runner_connection={"max_requests": 10**9, "max_age": 10.0**9},
 )
@@ -136,6 +149,18 @@ class Sam3Model:
     async def segment_sliced(self, item: dict) -> dict:
         """A heavy item alone, beside the batches: its device work interleaves with theirs (backend/segmenter.py)."""
         return await asyncio.to_thread(self.segmenter.segment_sliced, item)
+
+    @bentoml.api
+    async def track_video(self, clip: FilePath, request: dict) -> AsyncGenerator[str, None]:
+        """One clip's frames as JSON lines, as they are tracked (backend/video_worker.py). The clip file is
+        uploaded by the gateway's call. A client that goes away does not stop this generator (BentoML 1.4.40
+        keeps it running): the gateway's `cancel` and the request's deadline do, at the next frame."""
+        messages = self.segmenter.track_video(clip, request)
+        try:
+            while (message := await asyncio.to_thread(next, messages, None)) is not None:
+                yield json.dumps(message, separators=(",", ":")) + "\n"
+        finally:
+            await asyncio.to_thread(messages.close)
 
     @bentoml.api
     async def cancel(self, request_ids: list[str]) -> None:
@@ -179,7 +204,19 @@ class Gateway:
                 settings.task_retention_s,
             ),
         )
-        self.jobs, self.runner = build_jobs(settings, self.pipeline, ready=self._model_ready)
+        self.video = VideoPipeline(
+            self.pipeline.store,
+            self.pipeline.tasks,
+            self.pipeline.model,
+            VideoSettings(
+                max_bytes=settings.max_video_bytes,
+                limits=VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_video_pixels),
+                fps_cap=settings.video_max_fps,
+                timeout_s=settings.video_timeout_s,
+                row_progress_every_s=settings.video_progress_interval_s,
+            ),
+        )
+        self.jobs, self.runner = build_jobs(settings, Pipelines(self.pipeline, self.video), ready=self._model_ready)
 
     @bentoml.on_startup
     async def _start_jobs(self) -> None:
@@ -233,7 +270,22 @@ class Gateway:
             return await self._submit("predict_visual", body)
         return await until_disconnected(request, self.pipeline.predict_visual(body))
 
-    async def _submit(self, kind: str, body: TaskOptions) -> JSONResponse:
+    @api.post(
+        "/api/v1/predict/video",
+        response_model=JobAccepted,
+        status_code=202,
+        responses=VIDEO_RESPONSES,
+        dependencies=KEYED,
+    )
+    async def predict_video(self, body: VideoPredictRequest):
+        """Track every instance of 1-8 concepts (or one object from taps / a box) through a clip in the bucket.
+        Always async: 202 now; the result in the task status, the row and R2 (docs: Video)."""
+        try:
+            return await self._submit("predict_video", body)
+        except ApiError as error:
+            raise for_video(error) from None
+
+    async def _submit(self, kind: str, body: TaskOptions | VideoPredictRequest) -> JSONResponse:
         job = await self.jobs.submit(kind, body)
         return JSONResponse(accepted_body(job), status_code=202)
 

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 256
 MAX_BATCH_PROMPTS = 32
@@ -65,14 +66,39 @@ class Box(BaseModel):
         return self
 
 
-class TaskOptions(BaseModel):
-    """What every task request has: the image, the ids, how masks are rendered and returned, and async."""
+class JobOptions(BaseModel):
+    """What every task request has: the ids, async and its webhook."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL")
     user_id: str = Field(pattern=USER_ID_PATTERN)
     task_id: str = Field(description="The segmentation_results row id", json_schema_extra={"format": "uuid"})
+    run_async: bool = Field(
+        False, alias="async", strict=True, description="Answer 202 at once and run in the background (docs: Async jobs)"
+    )
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CALLBACK_URL_CHARS,
+        description="With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)",
+    )
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_id_is_uuid(cls, value: str) -> str:
+        return _uuid(value, "task_id")
+
+    @model_validator(mode="after")
+    def _callback_needs_async(self) -> JobOptions:
+        if self.callback_url is not None and not self.run_async:
+            raise ValueError('callback_url is only used with "async": true')
+        return self
+
+
+class TaskOptions(JobOptions):
+    """An image task: the image and how masks are rendered and returned."""
+
+    image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL")
     # strict: `true`, "0.3" or "5" are not numbers and "false" is not a boolean; coercing them would answer another
     # request than the one sent (`"threshold": true` became 1.0: no instance), so they are 422 invalid_option
     mask_threshold: float = Field(0.5, ge=0, le=1, allow_inf_nan=False, strict=True)
@@ -90,26 +116,11 @@ class TaskOptions(BaseModel):
         strict=True,
         description="Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every corner",
     )
-    run_async: bool = Field(
-        False, alias="async", strict=True, description="Answer 202 at once and run in the background (docs: Async jobs)"
-    )
-    callback_url: str | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_CALLBACK_URL_CHARS,
-        description="With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)",
-    )
 
-    @field_validator("task_id")
-    @classmethod
-    def _task_id_is_uuid(cls, value: str) -> str:
-        return _uuid(value, "task_id")
-
-    @model_validator(mode="after")
-    def _callback_needs_async(self) -> TaskOptions:
-        if self.callback_url is not None and not self.run_async:
-            raise ValueError('callback_url is only used with "async": true')
-        return self
+    @property
+    def source_url(self) -> str:
+        """The object the task reads."""
+        return self.image_url
 
     @property
     def wanted_outputs(self) -> frozenset[str]:
@@ -344,6 +355,109 @@ class VisualPredictRequest(TaskOptions):
         return self
 
 
+MAX_VIDEO_PROMPTS = 8
+MAX_VIDEO_FPS = 120.0
+MAX_VIDEO_FRAME_INDEX = 1_000_000
+MAX_VIDEO_SECONDS_FIELD = 1_000_000.0  # far past MAX_VIDEO_SECONDS: a larger time is a mistake, refused at once
+VideoOutputName = Literal["tracks", "overlay"]
+Seconds = Annotated[float, Field(gt=0, le=MAX_VIDEO_SECONDS_FIELD, allow_inf_nan=False, strict=True)]
+
+
+class VideoPredictRequest(JobOptions):
+    """Track objects through a clip (async only). Either concept prompts (`prompts`: every instance of each noun
+    phrase, found on every frame) or a visual prompt for one object (`points` and/or `box` on `frame_index`)."""
+
+    video_url: str = Field(
+        min_length=1, max_length=MAX_IMAGE_URL_CHARS, description="Object key, r2:// URL or R2 URL of the clip"
+    )
+    run_async: bool = Field(True, alias="async", strict=True, description="Always true here (may be omitted)")
+    prompts: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_VIDEO_PROMPTS,
+        description="1-8 noun phrases to track (concept prompts); or send points/box instead",
+    )
+    points: list[Point] = Field(
+        default_factory=list, max_length=MAX_POINTS, description="Taps on frame `frame_index` (one object)"
+    )
+    box: ObjectBox | None = Field(None, description="A box around one object on frame `frame_index`")
+    frame_index: int = Field(
+        0,
+        ge=0,
+        le=MAX_VIDEO_FRAME_INDEX,
+        strict=True,
+        description="The frame (0-based, of the frames processed: after start_s and fps) that points/box are on",
+    )
+    start_s: float = Field(
+        0.0, ge=0, le=MAX_VIDEO_SECONDS_FIELD, allow_inf_nan=False, strict=True, description="Start here (seconds)"
+    )
+    end_s: Seconds | SkipJsonSchema[None] = Field(
+        None,
+        description="Stop before this time (seconds); absent: the clip's end",
+        json_schema_extra=_absent_is_not_shown,
+    )
+    fps: Annotated[float, Field(gt=0, le=MAX_VIDEO_FPS, allow_inf_nan=False, strict=True)] | SkipJsonSchema[None] = (
+        Field(
+            None,
+            description="Frames per second to process; absent: the clip's own rate, capped at VIDEO_MAX_FPS",
+            json_schema_extra=_absent_is_not_shown,
+        )
+    )
+    max_frames: Annotated[int, Field(ge=1, strict=True)] | SkipJsonSchema[None] = Field(
+        None, description="Process at most this many frames", json_schema_extra=_absent_is_not_shown
+    )
+    threshold: Probability | SkipJsonSchema[None] = Field(
+        None,
+        description="Concept prompts: the detection score a new object needs; absent: SAM 3's own (0.5)",
+        json_schema_extra=_absent_is_not_shown,
+    )
+    outputs: Annotated[list[VideoOutputName], Field(max_length=2)] | SkipJsonSchema[None] = Field(
+        None,
+        description='"tracks" (always) and "overlay" (an MP4 preview); absent: ["tracks"]',
+        json_schema_extra=_absent_is_not_shown,
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _clean(cls, values: list[str]) -> list[str]:
+        cleaned = [_clean_prompt(value) for value in values]
+        for index, value in enumerate(cleaned):
+            if not value:
+                raise ValueError(f"prompt {index} is empty")
+            if len(value) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt {index} is longer than {MAX_PROMPT_CHARS} characters")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _one_kind_of_prompt(self) -> VideoPredictRequest:
+        visual = bool(self.points) or self.box is not None
+        if not self.run_async:
+            raise PydanticCustomError(
+                "invalid_option", 'predict/video runs as an async job only: omit "async" or send true'
+            )
+        if not self.prompts and not visual:
+            raise PydanticCustomError(
+                "missing_prompt", "send prompts (noun phrases), or points and/or a box on frame_index for one object"
+            )
+        if self.prompts and visual:
+            raise PydanticCustomError(
+                "conflicting_prompts", "send either prompts (concepts) or points/box (one object), not both"
+            )
+        if visual and self.threshold is not None:
+            raise PydanticCustomError("invalid_option", "threshold applies to concept prompts only")
+        if self.end_s is not None and self.end_s <= self.start_s:
+            raise PydanticCustomError("invalid_option", "end_s must be after start_s")
+        return self
+
+    @property
+    def source_url(self) -> str:
+        """The object the task reads."""
+        return self.video_url
+
+    @property
+    def wanted_outputs(self) -> frozenset[str]:
+        return frozenset(self.outputs or ()) | {"tracks"}
+
+
 class Polygon(BaseModel):
     """One separate part of an instance's mask (docs/api-contract.md, Outputs: pixel convention)."""
 
@@ -444,6 +558,62 @@ class BatchPredictResponse(BaseModel):
     )
 
 
+class VideoInfo(BaseModel):
+    width: int = Field(description="pixels, display orientation (rotation applied)")
+    height: int = Field(description="pixels, display orientation (rotation applied)")
+    rotation: int = Field(description="degrees clockwise the stored frames were turned for display: 0, 90, 180, 270")
+    fps: float = Field(description="frames per second processed (the clip's own rate, or the request's fps)")
+    frames: int = Field(description="frames processed")
+    duration_s: float = Field(description="the whole clip's duration, seconds")
+
+
+class VideoObject(BaseModel):
+    object_id: int = Field(description="stable over the clip: the same object keeps it on every frame")
+    label: str = Field(description='the noun phrase that found it, or "object" for a visual prompt')
+    score: float = Field(description="its best score over the clip (concepts: detection score; visual: object score)")
+    first_frame: int
+    last_frame: int
+
+
+class FrameObject(BaseModel):
+    object_id: int
+    box: list[float] = Field(description="xyxy in pixels of the frame, display orientation")
+    area: int = Field(description="mask pixels")
+    rle: dict = Field(description='COCO compressed RLE {"size": [height, width], "counts": str} of the mask')
+
+
+class VideoFrame(BaseModel):
+    frame_index: int = Field(description="0-based, of the frames processed")
+    time_s: float = Field(description="the frame's presentation time in the clip, seconds")
+    objects: list[FrameObject]
+
+
+class VideoOutputFiles(BaseModel):
+    overlay_url: str | SkipJsonSchema[None] = Field(
+        None, description='"overlay": an MP4 preview (H.264) with coloured masks and object ids'
+    )
+
+
+class VideoResponse(BaseModel):
+    """The result of POST /api/v1/predict/video (in the task status, the webhook, and as JSON at result_url)."""
+
+    task_id: str
+    result_url: str = Field(description="This result as a JSON object in R2 (also the row's mask_url)")
+    result_key: str
+    video: VideoInfo
+    labels: list[str] = Field(description="one per object, in objects' order")
+    objects: list[VideoObject]
+    frames: list[VideoFrame]
+    inference_time_ms: float = Field(description="model time over the whole clip")
+    timings: dict[str, float] = Field(description="ms: download, probe, model, upload, render, total")
+    outputs: VideoOutputFiles | SkipJsonSchema[None] = Field(None, description='Present when "overlay" was asked')
+
+
+class Progress(BaseModel):
+    frames_done: int
+    frames_total: int = Field(description="frames the task will process (an estimate until it ends)")
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -475,9 +645,10 @@ class TaskStatus(BaseModel):
 
     task_id: str
     status: Literal["queued", "processing", "completed", "failed"]
-    result: PredictResponse | BatchPredictResponse | None = Field(
-        description="completed: exactly the body the synchronous call would have answered"
+    result: PredictResponse | BatchPredictResponse | VideoResponse | None = Field(
+        description="completed: exactly the body the synchronous call would have answered (video: the result)"
     )
+    progress: Progress | None = Field(description="video tasks: frames processed so far; null for image tasks")
     error: ErrorDetail | None = Field(description="failed: the code and message the synchronous call would have given")
     submitted_at: str = Field(description="ISO 8601 UTC")
     started_at: str | None = Field(description="ISO 8601 UTC")

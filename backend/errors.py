@@ -50,6 +50,9 @@ MODEL_ERROR_STATUS = {
     "invalid_box": 422,
     "invalid_point": 422,
     "visual_prompts_unavailable": 501,
+    "invalid_video": 400,
+    "video_too_long": 422,
+    "video_unavailable": 501,
     "model_loading": 503,
     "model_unavailable": 503,
     "inference_failed": 500,
@@ -87,7 +90,31 @@ _FIELD_CODES = {
     "nms_iou_threshold": "invalid_option",
     "async": "invalid_option",
     "callback_url": "unsupported_callback_url",
+    "video_url": "unsupported_video_url",
+    "frame_index": "invalid_option",
+    "start_s": "invalid_option",
+    "end_s": "invalid_option",
+    "fps": "invalid_option",
+    "max_frames": "invalid_option",
 }
+# Request-level checks (a model validator, no field) that raise these pydantic error types keep them as codes.
+_REQUEST_CODES = frozenset({"missing_prompt", "conflicting_prompts", "invalid_option"})
+
+# An image task's storage errors, as a video task names them.
+_VIDEO_CODES = {
+    "unsupported_image_url": "unsupported_video_url",
+    "image_not_found": "video_not_found",
+    "image_too_large": "video_too_large",
+}
+
+
+def for_video(error: ApiError) -> ApiError:
+    """The same error with a video's code (`image_not_found` -> `video_not_found`, ...) and message."""
+    code = _VIDEO_CODES.get(error.code)
+    if code is None:
+        return error
+    message = error.message.replace("the image", "the video").replace("image", "video")
+    return ApiError(error.status, code, message, error.headers)
 
 
 # How pydantic names the branch of a union it tried, in an error's location: a batch prompt's form (the tags of
@@ -115,6 +142,8 @@ def validation_error_code(errors: list[dict]) -> tuple[int, str, str]:
     if not location and isinstance(first.get("input"), bytes):  # not sent as JSON: FastAPI kept the raw bytes
         return 400, "invalid_json", "the request body is not JSON: send it with Content-Type: application/json"
     if not location:
+        if first.get("type") in _REQUEST_CODES:
+            return 422, first["type"], message
         if first.get("type") == "model_attributes_type":
             return 422, "invalid_request", "the body must be a JSON object sent with Content-Type: application/json"
         if "prompt" in message:

@@ -18,10 +18,13 @@ gateway's `bentoml.depends(...).to_async` is RemoteProxy's client (`_bentoml_imp
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -53,14 +56,45 @@ class ModelClient:
         request_id = uuid.uuid4().hex
         sent = addressed(item, request_id, time.time() + self._timeout_s)
         try:
-            if sliced:
-                return await self._remote.segment_sliced(sent)
-            return (await self._remote.segment([sent]))[0]
+            # The model service's own traffic timeout is VIDEO_TIMEOUT_S (a clip streams for minutes): an image
+            # item's limit is kept here.
+            async with asyncio.timeout(self._timeout_s):
+                if sliced:
+                    return await self._remote.segment_sliced(sent)
+                return (await self._remote.segment([sent]))[0]
         except asyncio.CancelledError:
+            self._cancel_soon([request_id])
+            raise
+        except TimeoutError:
+            self._cancel_soon([request_id])
+            raise self._timed_out() from None
+        except Exception as exc:  # the client raises transport and HTTP errors of many kinds
+            raise self._error(exc) from None
+
+    async def track_video(self, clip: Path, request: dict, timeout_s: float) -> AsyncIterator[dict]:
+        """The model service's messages for one clip (backend/video_worker.py), as they come: `frame` per frame
+        processed, then `end`, or `error`. The request goes with a request id and a deadline (now + `timeout_s`);
+        if this iteration is cancelled or abandoned, the model service is told to stop at its next frame."""
+        request_id = uuid.uuid4().hex
+        sent = addressed(request, request_id, time.time() + timeout_s)
+        buffered = ""
+        finished = False
+        try:
+            async for chunk in self._remote.track_video(clip=clip, request=sent):
+                buffered += chunk
+                *lines, buffered = buffered.split("\n")
+                for line in lines:
+                    if line:
+                        message = json.loads(line)
+                        finished = message["type"] in ("end", "error")
+                        yield message
+        except (asyncio.CancelledError, GeneratorExit):
             self._cancel_soon([request_id])
             raise
         except Exception as exc:  # the client raises transport and HTTP errors of many kinds
             raise self._error(exc) from None
+        if not finished:  # the stream ended without its last message: the model worker went away mid-clip
+            raise _unavailable()
 
     def _cancel_soon(self, request_ids: list[str]) -> None:
         """Fire and forget, in a task of its own: the cancellation that brought us here must not stop it."""

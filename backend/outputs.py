@@ -56,7 +56,7 @@ def output_key(mask_key: str, output: str) -> str:
 
 class OutputMaker:
     """store: where the files go; max_image_pixels: the decode limit the model used; guard: turns storage failures
-    into the contract's errors (PredictPipeline._guard)."""
+    into the contract's errors (backend.pipeline.guard)."""
 
     def __init__(self, store: ObjectStore, max_image_pixels: int, guard: Callable[[Awaitable], Awaitable]) -> None:
         self.store = store

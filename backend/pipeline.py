@@ -63,7 +63,7 @@ class PredictPipeline:
         self.model = model
         self.limits = limits
         self.refinements = Refinements(store, limits.refine_retention_s)
-        self.outputs = OutputMaker(store, limits.max_image_pixels, self._guard)
+        self.outputs = OutputMaker(store, limits.max_image_pixels, guard)
 
     async def predict(self, request: PredictRequest, retries_model_down: bool = False) -> dict:
         """retries_model_down: the caller runs the task again when the model is down (503 model_loading /
@@ -123,10 +123,10 @@ class PredictPipeline:
         started = time.perf_counter()
         download = asyncio.ensure_future(self._inputs(request, kind))
         try:
-            await self._guard(self.tasks.mark_processing(request.task_id))
+            await guard(self.tasks.mark_processing(request.task_id))
         except asyncio.CancelledError as cancelled:  # the update may have landed: the row must not stay processing
             _drop(download)
-            await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
+            await asyncio.shield(record_failure(self.tasks, request.task_id, _cancelled_message(cancelled)))
             raise
         except ApiError as error:  # the row could not be marked (missing, Supabase down): nothing to record
             _drop(download)
@@ -137,18 +137,18 @@ class PredictPipeline:
         try:
             image, download_ms = await download
             bodies, summary = await self._process(request, kind, image, download_ms, started)
-            await self._guard(self.tasks.mark_completed(request.task_id, summary["task_result"]))
+            await guard(self.tasks.mark_completed(request.task_id, summary["task_result"]))
             return bodies, summary
         except ApiError as error:
             if not (retries_model_down and error.code in MODEL_DOWN):
-                await self._record_failure(request.task_id, f"{error.code}: {error.message}")
+                await record_failure(self.tasks, request.task_id, f"{error.code}: {error.message}")
             raise
         except asyncio.CancelledError as cancelled:
-            await asyncio.shield(self._record_failure(request.task_id, _cancelled_message(cancelled)))
+            await asyncio.shield(record_failure(self.tasks, request.task_id, _cancelled_message(cancelled)))
             raise
         except Exception:
             log.exception("task %s failed unexpectedly", request.task_id)
-            await self._record_failure(request.task_id, "internal_error: the server failed while processing")
+            await record_failure(self.tasks, request.task_id, "internal_error: the server failed while processing")
             raise ApiError(500, "internal_error", "the server failed while processing this request") from None
 
     async def _inputs(self, request: TaskOptions, kind: PromptKind) -> tuple[ImageObject, float]:
@@ -156,7 +156,7 @@ class PredictPipeline:
         task's refinement record of an earlier run forgotten (a visual success writes a new one); when several
         fail, the image's error is the answer."""
         forget = self.refinements.forget(request.user_id, request.task_id)
-        extra = asyncio.ensure_future(self._guard(asyncio.gather(kind.fetch(), forget)))
+        extra = asyncio.ensure_future(guard(asyncio.gather(kind.fetch(), forget)))
         try:
             downloaded = await self._download(request.image_url)
         except BaseException:
@@ -167,8 +167,8 @@ class PredictPipeline:
 
     async def _download(self, image_url: str) -> tuple[ImageObject, float]:
         clock = time.perf_counter()
-        key = await self._guard(asyncio.to_thread(self.store.resolve_image_key, image_url))
-        image = await self._guard(asyncio.to_thread(self.store.get_image, key, self.limits.max_image_bytes))
+        key = await guard(asyncio.to_thread(self.store.resolve_image_key, image_url))
+        image = await guard(asyncio.to_thread(self.store.get_image, key, self.limits.max_image_bytes))
         return image, _ms_since(clock)
 
     async def _process(self, request: TaskOptions, kind: PromptKind, image: ImageObject, download_ms: float, started):
@@ -189,7 +189,7 @@ class PredictPipeline:
         if combined_key not in keys:
             uploads.append(self._upload(combined_key, combined))
         drawing = self.outputs.make(request, image.data, results, labels, combined, combined_key)
-        stored, outputs, _ = await asyncio.gather(asyncio.gather(*uploads), drawing, self._guard(kind.keep(outcome)))
+        stored, outputs, _ = await asyncio.gather(asyncio.gather(*uploads), drawing, guard(kind.keep(outcome)))
         urls = {item.key: item.url for item in stored}
         if outputs.render_ms is not None:
             timings["render"] = outputs.render_ms
@@ -232,24 +232,26 @@ class PredictPipeline:
     async def _upload(self, key: str, result: dict):
         """Unpacking and PNG encoding run off the event loop: 32 full-HD masks took 166 ms of it on the CPU box."""
         png = await asyncio.to_thread(lambda: mask_png(unpack_mask(result)))
-        return await self._guard(asyncio.to_thread(self.store.put_png, key, png))
+        return await guard(asyncio.to_thread(self.store.put_png, key, png))
 
-    @staticmethod
-    async def _guard(awaitable):
-        """Storage and task-store failures -> the contract's errors."""
-        try:
-            return await awaitable
-        except Exception as exc:
-            error = to_api_error(exc)
-            if error is None:
-                raise
-            raise error from None
 
-    async def _record_failure(self, task_id: str, message: str) -> None:
-        try:
-            await self.tasks.mark_failed(task_id, message)
-        except Exception as exc:  # the row cannot be written (Supabase down): say so, keep the original error
-            log.error("task %s: could not mark the row failed (%s)", task_id, type(exc).__name__)
+async def guard(awaitable):
+    """Storage and task-store failures -> the contract's errors."""
+    try:
+        return await awaitable
+    except Exception as exc:
+        error = to_api_error(exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+async def record_failure(tasks: TaskStore, task_id: str, message: str) -> None:
+    """Mark the row failed; when it cannot be written (Supabase down), log it and keep the original error."""
+    try:
+        await tasks.mark_failed(task_id, message)
+    except Exception as exc:
+        log.error("task %s: could not mark the row failed (%s)", task_id, type(exc).__name__)
 
 
 def mask_key(user_id: str, task_id: str, index: int | None = None) -> str:

@@ -7,14 +7,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, abandoned
 from backend.protocol import failure, item_prompts, item_visual, success
 from backend.settings import Settings
+from backend.video_worker import track_clip
 from sam3_runner import (
     Abandoned,
     BoxPrompt,
@@ -61,6 +64,7 @@ class Segmenter:
         self._sliced = 0
         self._counters = threading.Lock()
         self._decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
+        self._video_sessions = threading.BoundedSemaphore(settings.video_sessions)
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
         self._loader.start()
 
@@ -128,6 +132,16 @@ class Segmenter:
                 torch.cuda.empty_cache()
             log.exception("inference failed for a sliced job")
             return failure("inference_failed", f"inference failed ({type(exc).__name__})")
+
+    def track_video(self, clip: Path, request: dict) -> Iterator[dict]:
+        """One clip's messages (backend/video_worker.py). At most VIDEO_SESSIONS clips run at once here; another
+        waits its turn (its deadline still counts)."""
+        engine = self._engine
+        if engine is None:
+            yield {"type": "error", **self._not_ready()["error"]}
+            return
+        with self._video_sessions:
+            yield from track_clip(engine, clip, request, partial(abandoned, request, self._cancelled))
 
     def cancel(self, request_ids: list[str]) -> None:
         """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""

@@ -106,6 +106,17 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(5, ge=1, le=20)
     webhook_backoff_s: float = Field(1.0, ge=0)
 
+    # Video (POST /api/v1/predict/video, async only). The limits apply to what a task processes: the span between
+    # start_s and end_s, at the sampled rate, after max_frames; a clip over a limit fails with video_too_long.
+    max_video_bytes: int = Field(512 * 1024 * 1024, ge=1)  # the clip's file
+    max_video_seconds: float = Field(600.0, gt=0)  # seconds of the clip processed
+    max_video_frames: int = Field(3000, ge=1)  # frames processed
+    max_video_pixels: int = Field(3840 * 2160, ge=1)  # pixels per frame
+    video_max_fps: float = Field(30.0, gt=0)  # the default sample rate is the clip's own, capped at this
+    video_timeout_s: int = Field(3600, ge=1)  # one video task's run, as REQUEST_TIMEOUT_S is an image task's
+    video_progress_interval_s: float = Field(2.0, ge=0)  # the row's progress is written at most this often
+    video_sessions: int = Field(2, ge=1, le=16)  # clips one model worker tracks at once; more wait their turn
+
     # Async jobs ("async": true): a SQLite (WAL) store shared by the gateway workers of one box (jobs/).
     job_store_path: str = "var/jobs.sqlite3"
     # normal: a commit survives the process being killed (kill -9), not a power loss; full: fsync every commit
@@ -171,8 +182,9 @@ class Settings(BaseSettings):
 
     @property
     def job_lifetime_s(self) -> int:
-        """The longest an accepted job can last: waiting, running (a sync request's limit), then its lease expiring."""
-        return self.job_queue_timeout_s + self.request_timeout_s + self.job_lease_s
+        """The longest an accepted job can last: waiting, running (an image task's or a video task's limit, whichever
+        is longer), then its lease expiring."""
+        return self.job_queue_timeout_s + max(self.request_timeout_s, self.video_timeout_s) + self.job_lease_s
 
     @property
     def stale_processing_after_s(self) -> int:

@@ -12,9 +12,8 @@ from collections.abc import Awaitable, Callable, Iterable
 import psutil
 
 from backend.errors import ApiError
-from backend.pipeline import PredictPipeline
 from backend.settings import Settings
-from jobs import JobQueue, JobRunner, JobStore, RunnerConfig, StaleRowSweeper
+from jobs import JobQueue, JobRunner, JobStore, Pipelines, RunnerConfig, StaleRowSweeper
 from storage import LocalStorage, ObjectStore, R2Storage
 from tasks import DisabledTaskStore, SupabaseTaskStore, TaskStore
 from webhooks import CallbackPolicy, UnsupportedCallbackUrl, WebhookSender
@@ -87,7 +86,7 @@ def listening_hosts() -> list[str]:
 
 
 def build_jobs(
-    settings: Settings, pipeline: PredictPipeline, ready: Callable[[], Awaitable[bool]]
+    settings: Settings, pipelines: Pipelines, ready: Callable[[], Awaitable[bool]]
 ) -> tuple[JobQueue, JobRunner]:
     """This worker's side of the async jobs: its submissions and its runner, on the box's shared job store."""
     owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
@@ -111,13 +110,15 @@ def build_jobs(
         lease_s=settings.job_lease_s,
         queue_timeout_s=settings.job_queue_timeout_s,
         run_timeout_s=settings.request_timeout_s,
+        video_run_timeout_s=settings.video_timeout_s,
         shutdown_grace_s=settings.job_shutdown_grace_s,
         drain_on_shutdown=settings.job_drain_on_shutdown,
         retention_s=settings.task_retention_s,
         row_retry_s=settings.supabase_timeout_s + 5,
     )
+    pipeline = pipelines.images
     sweeper = StaleRowSweeper(store, pipeline.tasks, settings.stale_processing_after_s, settings.job_sweep_interval_s)
-    runner = JobRunner(store, pipeline, pipeline.tasks, ready, sender, sweeper, config, owner)
+    runner = JobRunner(store, pipelines, pipeline.tasks, ready, sender, sweeper, config, owner)
     queue = JobQueue(
         store,
         pipeline.tasks,

@@ -2,7 +2,7 @@
 one box, run in the background through the synchronous pipeline, and never lost across a crash."""
 
 from jobs.queue import JobQueue
-from jobs.runner import JobRunner, RunnerConfig
+from jobs.runner import JobRunner, Pipelines, RunnerConfig
 from jobs.status import accepted_body, status_body
 from jobs.store import Job, JobStore
 from jobs.sweeper import StaleRowSweeper
@@ -12,6 +12,7 @@ __all__ = [
     "JobQueue",
     "JobRunner",
     "JobStore",
+    "Pipelines",
     "RunnerConfig",
     "StaleRowSweeper",
     "accepted_body",

@@ -8,7 +8,7 @@ import logging
 import math
 from collections.abc import Callable
 
-from backend.api_models import TaskOptions
+from backend.api_models import TaskOptions, VideoPredictRequest
 from backend.errors import ApiError, to_api_error
 from jobs.store import RESERVED, JobStore
 from storage import ObjectStore
@@ -50,7 +50,7 @@ class JobQueue:
         self._owner = owner
         self._on_queued = on_queued
 
-    async def submit(self, kind: str, request: TaskOptions):
+    async def submit(self, kind: str, request: TaskOptions | VideoPredictRequest):
         """The job for this task: a new one (queued), or the one already queued or running (nothing changes).
 
         Raises ApiError: 400 unsupported_callback_url / unsupported_image_url (nothing touched), 429 queue_full
@@ -59,13 +59,13 @@ class JobQueue:
         """
         callback_url = self._check_callback(request.callback_url) if request.callback_url else None
         try:
-            self._objects.resolve_image_key(request.image_url)
+            self._objects.resolve_image_key(request.source_url)
         except Exception as exc:
             raise _api_error(exc) from None
         # Once a slot is reserved the submission runs to its end even if the client goes away meanwhile.
         return await asyncio.shield(self._submit(kind, request, callback_url))
 
-    async def _submit(self, kind: str, request: TaskOptions, callback_url: str | None):
+    async def _submit(self, kind: str, request: TaskOptions | VideoPredictRequest, callback_url: str | None):
         while True:
             reservation = await self.store.reserve(
                 request.task_id,

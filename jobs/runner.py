@@ -26,9 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from backend.api_models import BatchPredictRequest, PredictRequest, VisualPredictRequest
+from backend.api_models import BatchPredictRequest, PredictRequest, VideoPredictRequest, VisualPredictRequest
 from backend.errors import MODEL_DOWN, ApiError, RowNotMarked
 from backend.pipeline import PredictPipeline
+from backend.video_pipeline import Progress, VideoPipeline
 from jobs.status import status_body
 from jobs.store import INTERRUPTED, Job, JobStore, RowWrite
 from jobs.sweeper import StaleRowSweeper
@@ -42,12 +43,22 @@ JOB_TIMEOUT = "job_timeout"
 TASK_STORE_DOWN = ("database_unavailable", "database_timeout")  # Supabase unreachable or too slow
 RETENTION_EVERY_S = 60.0
 
-# kind -> (the request model, the pipeline method): the same entry points as the synchronous routes.
-_KINDS: dict[str, tuple[type, Callable[[PredictPipeline, Any, bool], Awaitable[dict]]]] = {
-    "predict": (PredictRequest, PredictPipeline.predict),
-    "predict_batch": (BatchPredictRequest, PredictPipeline.predict_batch),
-    "predict_visual": (VisualPredictRequest, PredictPipeline.predict_visual),
+
+@dataclass(frozen=True)
+class Pipelines:
+    images: PredictPipeline
+    video: VideoPipeline | None = None  # None: this server takes no video tasks (tests of the image kinds)
+
+
+# kind -> (the request model, how it runs): the same entry points as the synchronous routes (True: the runner
+# queues the task again when the model is down), and the video pipeline, which reports progress.
+_KINDS: dict[str, tuple[type, Callable[[Pipelines, Any, Progress], Awaitable[dict]]]] = {
+    "predict": (PredictRequest, lambda run, request, _: run.images.predict(request, True)),
+    "predict_batch": (BatchPredictRequest, lambda run, request, _: run.images.predict_batch(request, True)),
+    "predict_visual": (VisualPredictRequest, lambda run, request, _: run.images.predict_visual(request, True)),
+    "predict_video": (VideoPredictRequest, lambda run, request, progress: run.video.track(request, progress)),
 }
+VIDEO_KINDS = frozenset({"predict_video"})
 
 
 class DeliveryState(Protocol):
@@ -71,7 +82,8 @@ class RunnerConfig:
     concurrency: int  # jobs (and, separately, webhook deliveries) in flight in this worker
     lease_s: float
     queue_timeout_s: float
-    run_timeout_s: float  # one job's run, as long as a synchronous request may take (REQUEST_TIMEOUT_S)
+    run_timeout_s: float  # one image job's run, as long as a synchronous request may take (REQUEST_TIMEOUT_S)
+    video_run_timeout_s: float  # one video job's run (VIDEO_TIMEOUT_S)
     shutdown_grace_s: float
     drain_on_shutdown: bool
     retention_s: float
@@ -107,7 +119,7 @@ class JobRunner:
     def __init__(
         self,
         store: JobStore,
-        pipeline: PredictPipeline,
+        pipelines: Pipelines,
         tasks: TaskStore,
         ready: Callable[[], Awaitable[bool]],
         sender: WebhookSender | None,
@@ -117,7 +129,7 @@ class JobRunner:
     ) -> None:
         self.store = store
         self.owner = owner
-        self._pipeline = pipeline
+        self._pipelines = pipelines
         self._tasks = tasks
         self._ready = ready
         self._sender = sender
@@ -250,10 +262,16 @@ class JobRunner:
     async def _execute(self, job: Job) -> _Outcome:
         """Run the job as the synchronous route would; its outcome as that call would have answered it."""
         model, call = _KINDS[job.kind]
+        video = job.kind in VIDEO_KINDS
+        timeout_s = self.config.video_run_timeout_s if video else self.config.run_timeout_s
+
+        async def progress(done: int, total: int) -> None:
+            await self.store.set_progress(job, self.owner, {"frames_done": done, "frames_total": total})
+
         try:
             request = model.model_validate_json(job.request)
-            async with asyncio.timeout(self.config.run_timeout_s):
-                return _Outcome(result=await call(self._pipeline, request, True))
+            async with asyncio.timeout(timeout_s):
+                return _Outcome(result=await call(self._pipelines, request, progress))
         except RowNotMarked as error:
             if error.code in TASK_STORE_DOWN:
                 # Nothing started and the row still says processing: the job runs again once Supabase is back
@@ -273,7 +291,8 @@ class JobRunner:
                 return _Outcome(error=(error.code, error.message), row=f"{error.code}: {error.message}")
             return _Outcome(error=(error.code, error.message))  # the pipeline has written it to the row
         except TimeoutError:
-            message = f"the job ran longer than REQUEST_TIMEOUT_S ({self.config.run_timeout_s:g} s)"
+            limit = "VIDEO_TIMEOUT_S" if video else "REQUEST_TIMEOUT_S"
+            message = f"the job ran longer than {limit} ({timeout_s:g} s)"
             return _Outcome(error=(JOB_TIMEOUT, message), row=f"{JOB_TIMEOUT}: {message}")
         except asyncio.CancelledError:  # the grace period is over, or the lease was lost
             return _interrupted()

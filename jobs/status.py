@@ -31,6 +31,7 @@ def status_body(job: Job) -> dict:
         "started_at": iso_time(job.started_at),
         "finished_at": iso_time(job.finished_at),
         "webhook": job.webhook,
+        "progress": job.progress,
     }
 
 

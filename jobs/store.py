@@ -11,6 +11,7 @@ A job, by `status`:
   running    a worker runs it
   completed  `result` holds the body the synchronous call would have answered
   failed     `error_code` / `error_message`, as the synchronous call would have answered them
+`progress` (video tasks) holds {"frames_done", "frames_total"}, written while the job runs.
 A reserved or running job has an `owner` (one worker process) and a lease (`lease_until`, epoch seconds) that
 its owner renews; a lease that expires means the owner died (kill -9), and the job is failed as `interrupted`.
 A finished job with a webhook to deliver is leased the same way while one worker delivers it.
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_message  TEXT,
     row_pending    TEXT,
     row_attempt_at REAL,
-    webhook        TEXT
+    webhook        TEXT,
+    progress       TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, submitted_at);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
@@ -75,7 +77,7 @@ T = TypeVar("T")
 class Job:
     task_id: str
     submission: str  # unique per submission: compare-and-set key, and the webhook's message id
-    kind: str  # "predict" | "predict_batch" | "predict_visual"
+    kind: str  # "predict" | "predict_batch" | "predict_visual" | "predict_video"
     request: str  # the validated request, JSON
     callback_url: str | None
     status: str
@@ -86,6 +88,7 @@ class Job:
     error_code: str | None
     error_message: str | None
     webhook: dict | None
+    progress: dict | None = None  # video tasks: {"frames_done", "frames_total"}
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -103,6 +106,7 @@ class Job:
             error_code=row["error_code"],
             error_message=row["error_message"],
             webhook=json.loads(row["webhook"]) if row["webhook"] else None,
+            progress=json.loads(row["progress"]) if row["progress"] else None,
         )
 
 
@@ -192,6 +196,13 @@ class JobStore:
         "lost": the job is no longer this owner's (its lease expired and it was failed as interrupted);
         "superseded": a newer submission of the task replaced it."""
         return await self._call(self._finish, job, owner, result, error, row_pending)
+
+    async def set_progress(self, job: Job, owner: str, progress: dict) -> None:
+        """A running job's progress (video tasks), while `owner` still holds it."""
+        await self._write(
+            "UPDATE jobs SET progress = ? WHERE task_id = ? AND submission = ? AND status = ? AND owner = ?",
+            (json.dumps(progress), job.task_id, job.submission, RUNNING, owner),
+        )
 
     async def requeue(self, job: Job, owner: str) -> Literal["requeued", "lost", "superseded"]:
         """running -> queued again (it keeps its `submitted_at`, so JOB_QUEUE_TIMEOUT_S still bounds its wait):
@@ -291,6 +302,9 @@ class JobStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "progress" not in columns:  # a store written before video tasks
+                db.execute("ALTER TABLE jobs ADD COLUMN progress TEXT")
         self._db = db
 
     def _close(self) -> None:
@@ -392,7 +406,7 @@ class JobStore:
     def _requeue(self, job: Job, owner: str) -> str:
         with _transaction(self._conn) as db:
             updated = db.execute(
-                "UPDATE jobs SET status = ?, owner = NULL, lease_until = NULL, started_at = NULL "
+                "UPDATE jobs SET status = ?, owner = NULL, lease_until = NULL, started_at = NULL, progress = NULL "
                 "WHERE task_id = ? AND submission = ? AND status = ? AND owner = ?",
                 (QUEUED, job.task_id, job.submission, RUNNING, owner),
             ).rowcount

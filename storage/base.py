@@ -31,9 +31,16 @@ class ObjectStore(Protocol):
 
     def get_object(self, key: str, max_bytes: int) -> bytes: ...
 
+    def download(self, key: str, path: str, max_bytes: int) -> int:
+        """Writes the object to the file `path` as it streams in (a video: never whole in memory), refusing one over
+        `max_bytes` (ObjectTooLarge, the file then holds a part); returns its size in bytes."""
+
     def put_png(self, key: str, data: bytes) -> StoredObject: ...
 
     def put_object(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
+
+    def url_for(self, key: str) -> str:
+        """The URL a client reads the object at (public base URL, presigned, or the bucket's own)."""
 
     def delete_object(self, key: str) -> None:
         """Removes the object; one that does not exist is not an error."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,19 @@ class LocalStorage:
         if len(data) > max_bytes:
             raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
         return data
+
+    def download(self, key: str, path: str, max_bytes: int) -> int:
+        source = self.path_for(key)
+        try:
+            with source.open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size > max_bytes:
+                    raise ObjectTooLarge(f"the object is {size} bytes; the limit is {max_bytes}")
+                with open(path, "wb") as target:
+                    shutil.copyfileobj(handle, target)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r} in local storage") from None
+        return size
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
         return self.put_object(key, data, "image/png")

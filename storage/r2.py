@@ -89,6 +89,18 @@ class R2Storage:
             raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
         return data
 
+    def download(self, key: str, path: str, max_bytes: int) -> int:
+        with _translated_errors(key):
+            response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
+            length = response.get("ContentLength")
+            body = response["Body"]
+            try:
+                if length is not None and length > max_bytes:
+                    raise ObjectTooLarge(f"the object is {length} bytes; the limit is {max_bytes}")
+                return _copy_bounded(body.iter_chunks(_CHUNK), path, max_bytes)
+            finally:
+                body.close()
+
     def put_png(self, key: str, data: bytes) -> StoredObject:
         return self.put_object(key, data, "image/png")
 
@@ -110,6 +122,17 @@ class R2Storage:
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
             )
         return f"{self.endpoint_url}/{self.bucket}/{key}"
+
+
+def _copy_bounded(chunks, path: str, max_bytes: int) -> int:
+    received = 0
+    with open(path, "wb") as handle:
+        for chunk in chunks:
+            received += len(chunk)
+            if received > max_bytes:
+                raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
+            handle.write(chunk)
+    return received
 
 
 class _translated_errors:

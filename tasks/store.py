@@ -48,6 +48,9 @@ class TaskStore(Protocol):
 
     async def mark_failed(self, task_id: str, message: str) -> None: ...
 
+    async def mark_progress(self, task_id: str, progress: dict) -> None:
+        """A running task's progress in the row's `result` ({"progress": {...}}), only while it is processing."""
+
     async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]: ...
 
     async def close(self) -> None: ...
@@ -65,6 +68,9 @@ class DisabledTaskStore:
         return None
 
     async def mark_failed(self, task_id: str, message: str) -> None:
+        return None
+
+    async def mark_progress(self, task_id: str, progress: dict) -> None:
         return None
 
     async def fail_stale_processing(self, older_than_s: float, message: str, limit: int) -> list[str]:
@@ -112,6 +118,17 @@ class SupabaseTaskStore:
 
     async def mark_failed(self, task_id: str, message: str) -> None:
         await self._update(task_id, {"status": FAILED, "error_message": message[:2000]})
+
+    async def mark_progress(self, task_id: str, progress: dict) -> None:
+        """Best effort (progress is advisory): a table without a `result` column, or a row that moved on (completed
+        or failed meanwhile: the filter on status leaves it alone), is not an error."""
+        if not self._result_column:
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._patch(task_id, {"result": {"progress": progress}}, status=PROCESSING)
+        except _MissingResultColumn:
+            self._result_column = False
 
     async def close(self) -> None:
         """Close the row updates' connections (on shutdown)."""
@@ -166,11 +183,15 @@ class SupabaseTaskStore:
                 "or SUPABASE_SERVICE_KEY is not the service_role key"
             )
 
-    async def _patch(self, task_id: str, values: dict) -> list:
+    async def _patch(self, task_id: str, values: dict, status: str | None = None) -> list:
+        """status: only a row in this status is updated."""
         session = self._rows_session()
+        params = {"id": f"eq.{task_id}", "select": "id"}
+        if status is not None:
+            params["status"] = f"eq.{status}"
         async with session.patch(
             self._rows_url,
-            params={"id": f"eq.{task_id}", "select": "id"},
+            params=params,
             data=json.dumps(values, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),  # as httpx
             headers={"Prefer": "return=representation"},
         ) as response:

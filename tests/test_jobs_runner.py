@@ -12,7 +12,7 @@ from stack import new_task_row, task_row
 from backend.api_models import PredictRequest
 from backend.errors import ApiError
 from backend.pipeline import Limits, PredictPipeline
-from jobs import JobQueue, JobRunner, JobStore, RunnerConfig, StaleRowSweeper
+from jobs import JobQueue, JobRunner, JobStore, Pipelines, RunnerConfig, StaleRowSweeper
 from storage import R2Storage
 from tasks import SupabaseTaskStore
 
@@ -44,6 +44,7 @@ async def run_one_job(r2, supabase, store_path, segment, ready, **config) -> tup
         "lease_s": 30,
         "queue_timeout_s": 600,
         "run_timeout_s": 300,
+        "video_run_timeout_s": 3600,
         "shutdown_grace_s": 0,
         "drain_on_shutdown": False,
         "retention_s": 3600,
@@ -51,7 +52,7 @@ async def run_one_job(r2, supabase, store_path, segment, ready, **config) -> tup
         **config,
     }
     sweeper = StaleRowSweeper(store, tasks, stale_after_s=3600, interval_s=3600)
-    runner = JobRunner(store, pipeline, tasks, ready, None, sweeper, RunnerConfig(**settings), "test-worker")
+    runner = JobRunner(store, Pipelines(pipeline), tasks, ready, None, sweeper, RunnerConfig(**settings), "test-worker")
     queue = JobQueue(store, tasks, objects, refuse_callbacks, 10, 1, 30, "test-worker", runner.wake)
     task_id, user_id = new_task_row(supabase)
     await runner.start()
@@ -143,9 +144,9 @@ def test_a_job_that_meets_supabase_down_does_not_leave_its_row_processing_once_s
         async def ready() -> bool:
             return model_up
 
-        config = RunnerConfig(1, 30, 600, 300, 0, False, 3600, row_retry_s=1)
+        config = RunnerConfig(1, 30, 600, 300, 3600, 0, False, 3600, row_retry_s=1)
         sweeper = StaleRowSweeper(store, tasks, stale_after_s=3600, interval_s=3600)
-        runner = JobRunner(store, pipeline, tasks, ready, None, sweeper, config, "test-worker")
+        runner = JobRunner(store, Pipelines(pipeline), tasks, ready, None, sweeper, config, "test-worker")
         queue = JobQueue(store, tasks, objects, refuse_callbacks, 10, 1, 30, "test-worker", runner.wake)
         task_id, user_id = new_task_row(supabase)
         await runner.start()
