@@ -5,8 +5,9 @@ object_id (supervision's default palette, cycling), the same on every frame, cap
 Frames are drawn and handed to the encoder one at a time: the clip is never held in memory (the encoder keeps its
 own look-ahead of a few frames). The encoder is libx264, which PyAV's wheels ship (av 18.1.0's also has libx265,
 libvpx-vp9, libsvtav1, mpeg4 and the hardware-only h264_nvenc / h264_qsv / h264_v4l2m2m; no libopenh264): H.264 in
-yuv420p plays on every phone and browser. The MP4's index (moov) is written before the media (`+faststart`), so a
-player can start before the file has downloaded.
+yuv420p plays on every phone and browser. Colours are converted with BT.709's matrix to the limited (TV) range and
+tagged so (untagged, a player guesses BT.601 or BT.709 from the frame's height). The MP4's index (moov) is written
+before the media (`+faststart`), so a player can start before the file has downloaded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fractions import Fraction
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from renderers.instances import decode
 
@@ -64,6 +66,9 @@ def render_video_overlay(
     with av.open(os.fspath(out_path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream(ENCODER, rate=rate, options=ENCODER_OPTIONS)
         stream.pix_fmt = "yuv420p"
+        codec = stream.codec_context
+        codec.colorspace, codec.color_range = Colorspace.ITU709, ColorRange.MPEG
+        codec.color_primaries, codec.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
         for index, (pixels, objects) in enumerate(frames):
             shape = shape or pixels.shape
             if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape != shape:
@@ -80,7 +85,9 @@ def render_video_overlay(
             scene = cv2.copyMakeBorder(scene, 0, height % 2, 0, width % 2, cv2.BORDER_REPLICATE)
             if index == 0:
                 stream.height, stream.width = scene.shape[:2]
-            frame = av.VideoFrame.from_ndarray(scene, format="bgr24")
+            frame = av.VideoFrame.from_ndarray(scene, format="bgr24").reformat(
+                format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG
+            )
             frame.pts = index
             container.mux(stream.encode(frame))
         if shape is None:
