@@ -40,13 +40,15 @@ class Overlay:
         self._colours: list[int] = []  # each drawn instance's place among the added ones: its palette colour
         self._added = 0
 
-    def add(self, mask: InstanceMask, box: list[float], caption: str) -> None:
-        """box: xyxy in original-image pixels; caption: e.g. "cat 0.93". An empty mask (a visual candidate with no
-        pixel above mask_threshold) is not drawn; the instances after it keep the colours of their places."""
+    def add(self, mask: InstanceMask, box: list[float], caption: str, colour: int | None = None) -> None:
+        """box: xyxy in original-image pixels; caption: e.g. "cat 0.93"; colour: the index of the instance's colour in
+        the palette (taken modulo its length), by default its place among the added instances. An empty mask (a
+        visual candidate with no pixel above mask_threshold) is not drawn; the instances after it keep the colours of
+        their places."""
         self._added += 1
         if mask.pixels.size == 0:
             return
-        self._colours.append(self._added - 1)
+        self._colours.append(self._added - 1 if colour is None else colour)
         width, height = self.size
         left, top = round(mask.x * self.scale), round(mask.y * self.scale)
         right = min(width, max(left + 1, round((mask.x + mask.pixels.shape[1]) * self.scale)))
@@ -62,6 +64,13 @@ class Overlay:
 
     def jpeg(self) -> bytes:
         """The preview as a JPEG (quality 85), `size` pixels; with no instance, the image alone."""
+        ok, encoded = cv2.imencode(".jpg", self.draw(), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise RuntimeError("OpenCV could not encode the overlay as JPEG")
+        return encoded.tobytes()
+
+    def draw(self) -> np.ndarray:
+        """The preview: `size` pixels, H x W x 3 uint8 BGR (OpenCV's order); with no instance, the image alone."""
         scene = self._scene.copy()
         if self._masks:
             detections = sv.Detections(
@@ -78,7 +87,4 @@ class Overlay:
                 smart_position=len(self._captions) <= SPREAD_CAPTIONS_UP_TO,
             )
             scene = labels.annotate(scene, detections, labels=self._captions, custom_color_lookup=colours)
-        ok, encoded = cv2.imencode(".jpg", scene, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise RuntimeError("OpenCV could not encode the overlay as JPEG")
-        return encoded.tobytes()
+        return scene
