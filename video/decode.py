@@ -5,6 +5,7 @@ Conventions used throughout:
 - Images are ``np.ndarray`` uint8 ``[H, W, 3]`` RGB in *display orientation*: the stream's display matrix (what phones
   write instead of rotating the pixels, the video counterpart of the EXIF orientation) is applied the way the ffmpeg
   command line applies it by default ("autorotate"). Widths and heights are pixels of that upright image.
+- Pixels are the stored ones: a non-square sample aspect ratio (rare outside broadcast) is not resampled.
 - Only the rotation in the display matrix is honoured (multiples of 90 degrees; any other angle is rounded to the
   nearest one); mirroring matrices are not applied.
 """
@@ -272,7 +273,10 @@ def _frames_and_duration(container: av.container.InputContainer, stream: av.Vide
         end = max(end or packet.pts, packet.pts + (packet.duration or 0))
     if count == 0:
         raise InvalidVideo("the video stream has no frames")
-    return count, duration_s if duration_s > 0 else float((end - first) * stream.time_base)
+    duration_s = duration_s if duration_s > 0 else float((end - first) * stream.time_base)
+    if duration_s <= 0:
+        raise InvalidVideo("the video has no duration")
+    return count, duration_s
 
 
 def _rotation(frame: av.VideoFrame) -> int:
