@@ -133,7 +133,7 @@ def probe(path: str | Path) -> VideoInfo:
     """
     with _open(path) as container:
         stream = container.streams.video[0]
-        first = next(_decoded(container, stream, path), None)
+        first = next(_decoded(container, stream), None)
         if first is None:
             raise InvalidVideo("the video stream has no frame that can be decoded")
         rotation = _rotation(first)
@@ -205,7 +205,7 @@ def frames(path: str | Path, sampling: Sampling) -> Iterator[Frame]:
             container.seek(origin + int(sampling.start_s / stream.time_base), stream=stream, backward=True)
         next_tick = 0
         index = 0
-        for frame in _decoded(container, stream, path):
+        for frame in _decoded(container, stream):
             if frame.pts is None:
                 raise InvalidVideo(f"a frame after {index} output frames has no timestamp")
             time_s = float((frame.pts - origin) * stream.time_base)
@@ -237,7 +237,7 @@ def _open(path: str | Path) -> av.container.InputContainer:
     return container
 
 
-def _decoded(container: av.container.InputContainer, stream: av.VideoStream, path: str | Path):
+def _decoded(container: av.container.InputContainer, stream: av.VideoStream):
     """The stream's frames in presentation order; a damaged packet or a decoder error raises ``InvalidVideo`` naming
     the time of the last good frame (a clip cut short makes the demuxer return a partial packet flagged corrupt)."""
     last_s = 0.0
