@@ -67,6 +67,7 @@ def test_bento_image_is_cuda_capable_with_the_model_stack(bento):
         "standardwebhooks",
         "opencv-python-headless",
         "supervision",
+        "av==18.1.0",
     ):
         assert package in requirements
 
@@ -83,6 +84,7 @@ def test_bento_carries_the_code(bento):
         "webhooks/sender.py",
         "jobs/runner.py",
         "renderers/render.py",
+        "video/decode.py",
     ):
         assert (source / path).is_file(), path
     assert not (source / "tests").exists()
