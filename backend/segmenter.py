@@ -262,7 +262,7 @@ def _prepare(
             decode_ms, pixels, width, height = 0.0, None, encoded.width, encoded.height
         prompts = item_prompts(item)
         visual = item_visual(item)
-        error = _box_error(prompts, width, height) if visual is None else _visual_error(visual, width, height)
+        error = _box_error(prompts, width, height) if visual is None else visual_error(visual, width, height)
     except ImageTooLarge as exc:
         return None, 0.0, failure("image_too_large", str(exc))
     except ImageDecodeError as exc:
@@ -318,7 +318,7 @@ def _one_box_error(name: str, box: BoxPrompt, width: int, height: int) -> dict |
     return None
 
 
-def _visual_error(visual: VisualPrompt, width: int, height: int) -> dict | None:
+def visual_error(visual: VisualPrompt, width: int, height: int) -> dict | None:
     """Points must lie on the image (display orientation, like boxes): 0 <= x < width, 0 <= y < height, pixels;
     the box is checked as a concept prompt's boxes are (_box_error)."""
     for index, point in enumerate(visual.points):

@@ -14,6 +14,7 @@ processing and the job runner queues the task again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import tempfile
@@ -26,10 +27,13 @@ from backend.api_models import VideoPredictRequest
 from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, for_video
 from backend.model_client import ModelClient
 from backend.pipeline import guard, record_failure
+from backend.segmenter import visual_error
 from renderers.video_overlay import render_video_overlay
 from storage import ObjectStore
+from sam3_runner import BoxPrompt, PointPrompt, VisualPrompt
 from tasks import TaskResult, TaskStore
-from video import InvalidVideo, Plan, Sampling, VideoLimits, VideoTooLong, frames, plan_frames, probe
+from video import InvalidSampling, InvalidVideo, Plan, Sampling, VideoInfo, VideoLimits, VideoTooLong, frames, probe
+from video import plan as plan_frames
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +178,25 @@ class VideoPipeline:
         )
         try:
             info = probe(clip)
-            return info, plan_frames(info, sampling, self.settings.limits, self.settings.fps_cap)
+            plan = plan_frames(info, sampling, self.settings.limits, self.settings.fps_cap)
         except InvalidVideo as exc:
             raise ApiError(400, "invalid_video", str(exc)) from None
+        except InvalidSampling as exc:
+            raise ApiError(422, "invalid_option", str(exc)) from None
         except VideoTooLong as exc:
             raise ApiError(422, "video_too_long", str(exc)) from None
+        if not request.prompts:
+            _check_visual_prompt(request, info, plan)
+        return info, plan
 
     async def _track(self, clip: Path, request: VideoPredictRequest, plan: Plan, tracks: _Tracks, reporter) -> float:
         """Streams the model's frames into `tracks`; returns the model's own ms."""
-        model_request = {"plan": plan.as_dict(), "prompts": request.prompts, "threshold": request.threshold}
+        model_request = {
+            "sampling": dataclasses.asdict(plan.sampling),
+            "frames_total": plan.frames_total,
+            "prompts": request.prompts,
+            "threshold": request.threshold,
+        }
         if not request.prompts:
             model_request["visual"] = {
                 "frame_index": request.frame_index,
@@ -199,6 +213,24 @@ class VideoPipeline:
             else:
                 return float(message["model_ms"])
         raise ApiError(503, "model_unavailable", "the model service is unavailable; retry shortly")
+
+
+def _check_visual_prompt(request: VideoPredictRequest, info: VideoInfo, plan: Plan) -> None:
+    """The taps and box lie on the frame (display orientation), and `frame_index` is one of the frames planned."""
+    box = request.box
+    prompt = VisualPrompt(
+        points=tuple(PointPrompt(p.x, p.y, positive=p.label == "positive") for p in request.points),
+        box=BoxPrompt(box.x1, box.y1, box.x2, box.y2) if box else None,
+    )
+    if failed := visual_error(prompt, info.width, info.height):
+        code, message = failed["error"]["code"], failed["error"]["message"]
+        raise ApiError(MODEL_ERROR_STATUS[code], code, message.replace("image", "frame"))
+    if request.frame_index >= plan.frames_total:
+        raise ApiError(
+            422,
+            "invalid_option",
+            f"frame_index {request.frame_index} is past the last frame to process ({plan.frames_total - 1})",
+        )
 
 
 @dataclass
@@ -245,7 +277,7 @@ class _Tracks:
 def _frames_with_objects(clip: Path, plan: Plan, tracks: _Tracks) -> Iterator:
     """The clip's frames decoded again (the same ones the model saw), each with its objects and their labels."""
     labels = {item["object_id"]: item["label"] for item in tracks.objects()}
-    for decoded, frame in zip(frames(clip, plan), tracks.frames(), strict=False):
+    for decoded, frame in zip(frames(clip, plan.sampling), tracks.frames(), strict=False):
         yield decoded.image, [{**item, "label": labels[item["object_id"]]} for item in frame["objects"]]
 
 

@@ -21,7 +21,7 @@ import torch
 
 from sam3_runner import BoxPrompt, PointPrompt, Sam3Engine
 from sam3_runner.video_types import FrameResult
-from video import InvalidVideo, Plan, frames
+from video import InvalidVideo, Sampling, frames
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,17 @@ VIDEO_UNAVAILABLE = (
 
 
 def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callable[[], str | None]) -> Iterator[dict]:
-    """`request`: {"plan": Plan.as_dict(), "prompts": [str], "threshold": float | None, "visual": {"frame_index",
-    "points": [[x, y, positive]], "box": [x1, y1, x2, y2] | None} | absent}. `abandoned()`: why nobody wants the
+    """`request`: {"sampling": video.Sampling's fields (the gateway's plan), "frames_total": int, "prompts": [str],
+    "threshold": float | None, "visual": {"frame_index", "points": [[x, y, positive]], "box": [x1, y1, x2, y2] |
+    None} | absent}. `abandoned()`: why nobody wants the
     result any more (backend/cancellation.py), or None."""
     if engine.loaded.video is None:
         yield _error("video_unavailable", VIDEO_UNAVAILABLE)
         return
-    plan = Plan.from_dict(request["plan"])
+    sampling = Sampling(**request["sampling"])
     visual = request.get("visual")
     if visual is None:
-        session = engine.track_concepts(request["prompts"], request.get("threshold"))
+        session = engine.track_concepts(request["prompts"], request.get("threshold"), request.get("frames_total"))
     else:
         session = engine.track_object(
             visual["frame_index"],
@@ -51,7 +52,7 @@ def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callabl
     times: dict[int, float] = {}
     model_s = 0.0
     try:
-        for frame in frames(clip, plan):
+        for frame in frames(clip, sampling):
             if reason := abandoned():
                 yield _error(reason, f"{reason}: the clip was stopped at frame {frame.index}")
                 return

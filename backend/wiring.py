@@ -111,6 +111,7 @@ def build_jobs(
         queue_timeout_s=settings.job_queue_timeout_s,
         run_timeout_s=settings.request_timeout_s,
         video_run_timeout_s=settings.video_timeout_s,
+        video_concurrency=settings.video_sessions * settings.model_workers,
         shutdown_grace_s=settings.job_shutdown_grace_s,
         drain_on_shutdown=settings.job_drain_on_shutdown,
         retention_s=settings.task_retention_s,

@@ -88,6 +88,7 @@ class RunnerConfig:
     drain_on_shutdown: bool
     retention_s: float
     row_retry_s: float  # a failed row write is tried again after this long
+    video_concurrency: int = 1  # video jobs running at once in this worker (at most `concurrency` jobs in all)
     poll_interval_s: float = 0.25  # how often an idle worker looks for jobs other workers queued
     maintenance_interval_s: float = 1.0
     not_ready_interval_s: float = 1.0  # how often the model service's readiness is asked while it loads
@@ -224,7 +225,9 @@ class JobRunner:
                     if not self._model_ready:
                         self._model_ready = await self._ready()
                     if self._model_ready:
-                        job = await self.store.claim(self.owner, self.config.lease_s, self.config.queue_timeout_s)
+                        job = await self.store.claim(
+                            self.owner, self.config.lease_s, self.config.queue_timeout_s, self._skipped_kinds()
+                        )
                         if job is not None:
                             self._start(job)
                             continue
@@ -233,6 +236,12 @@ class JobRunner:
             except Exception:
                 log.exception("claiming a job failed")
             await _wait(self._claim_wake, pause)
+
+    def _skipped_kinds(self) -> tuple[str, ...]:
+        """Video jobs are not claimed while `video_concurrency` run here: the model tracks only so many clips at
+        once, and clips waiting for their turn must not hold every slot image jobs need."""
+        videos = sum(work.job.kind in VIDEO_KINDS for work in self._running.values())
+        return tuple(sorted(VIDEO_KINDS)) if videos >= self.config.video_concurrency else ()
 
     def _start(self, job: Job) -> None:
         work = _Work(job)

@@ -176,9 +176,12 @@ class JobStore:
 
     # --- running -----------------------------------------------------------------------------------------
 
-    async def claim(self, owner: str, lease_s: float, queue_timeout_s: float) -> Job | None:
-        """The oldest queued job that has not waited too long, now running under `owner`; None if there is none."""
-        return await self._call(self._claim, owner, lease_s, queue_timeout_s)
+    async def claim(
+        self, owner: str, lease_s: float, queue_timeout_s: float, skip_kinds: tuple[str, ...] = ()
+    ) -> Job | None:
+        """The oldest queued job that has not waited too long and is not of `skip_kinds`, now running under
+        `owner`; None if there is none."""
+        return await self._call(self._claim, owner, lease_s, queue_timeout_s, skip_kinds)
 
     async def renew(self, owner: str, lease_s: float) -> set[tuple[str, str]]:
         """Extend every lease `owner` holds; returns the (task_id, submission) it still holds."""
@@ -361,14 +364,15 @@ class JobStore:
         row = self._conn.execute("SELECT * FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
         return Job.from_row(row) if row else None
 
-    def _claim(self, owner: str, lease_s: float, queue_timeout_s: float) -> Job | None:
+    def _claim(self, owner: str, lease_s: float, queue_timeout_s: float, skip_kinds: tuple[str, ...]) -> Job | None:
         now = time.time()
+        skipped = f"AND kind NOT IN ({', '.join('?' * len(skip_kinds))}) " if skip_kinds else ""
         with _transaction(self._conn) as db:
             row = db.execute(
                 "UPDATE jobs SET status = ?, owner = ?, lease_until = ?, started_at = ? WHERE task_id = "
-                "(SELECT task_id FROM jobs WHERE status = ? AND submitted_at >= ? ORDER BY submitted_at LIMIT 1) "
-                "AND status = ? RETURNING *",
-                (RUNNING, owner, now + lease_s, now, QUEUED, now - queue_timeout_s, QUEUED),
+                f"(SELECT task_id FROM jobs WHERE status = ? AND submitted_at >= ? {skipped}"
+                "ORDER BY submitted_at LIMIT 1) AND status = ? RETURNING *",
+                (RUNNING, owner, now + lease_s, now, QUEUED, now - queue_timeout_s, *skip_kinds, QUEUED),
             ).fetchone()
         return Job.from_row(row) if row else None
 

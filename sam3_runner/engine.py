@@ -43,7 +43,9 @@ from sam3_runner.postprocess import (
 )
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
-from sam3_runner.types import Abandoned, Job, PointPrompt, Prompt, PromptResult, VisualPrompt
+from sam3_runner.types import Abandoned, BoxPrompt, Job, PointPrompt, Prompt, PromptResult, VisualPrompt
+from sam3_runner.video_objects import track_object
+from sam3_runner.video_types import TrackingSession
 from sam3_runner.visual import VisualPromptsUnavailable, VisualSegmenter
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,13 @@ class Sam3Engine:
         if gate.reasons:
             return Abandoned(gate.reasons[0])
         return self._on_device_thread(self._sliced_results, selected)
+
+    def track_object(
+        self, frame_index: int, points: Sequence[PointPrompt], box: BoxPrompt | None
+    ) -> TrackingSession:
+        """A clip's session for one object prompted on `frame_index` (sam3_runner/video_objects.py); its device
+        work runs here, one frame per unit between the batches."""
+        return track_object(self.loaded, frame_index, points, box, self._on_device_thread)
 
     def _compiled_or_eager(self, compiled: Callable, eager: Callable, *args):
         """A compiled path that fails at run time is dropped for good and the call made eagerly; out-of-memory

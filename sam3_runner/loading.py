@@ -130,6 +130,9 @@ class LoadedModel:
             "random_weights": self.random_weights,
             "load_seconds": round(self.load_seconds, 2),
             "visual_prompts": self.visual_prompts,
+            # Video tracking runs the same detector, tracker and trunk (Sam3VideoModel holds these modules, not
+            # copies): the weights counted above are all the GPU holds, plus each running clip's tracker state.
+            "video": self.video is not None,
         }
         if self.device.type == "cuda":
             info["gpu_memory_gb"] = {
