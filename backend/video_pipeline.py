@@ -29,8 +29,8 @@ from backend.model_client import ModelClient
 from backend.pipeline import guard, record_failure
 from backend.segmenter import visual_error
 from renderers.video_overlay import render_video_overlay
-from storage import ObjectStore
 from sam3_runner import BoxPrompt, PointPrompt, VisualPrompt
+from storage import ObjectStore
 from tasks import TaskResult, TaskStore
 from video import InvalidSampling, InvalidVideo, Plan, Sampling, VideoInfo, VideoLimits, VideoTooLong, frames, probe
 from video import plan as plan_frames

@@ -49,7 +49,8 @@ def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callabl
             [PointPrompt(x, y, positive=positive) for x, y, positive in visual["points"]],
             BoxPrompt(*visual["box"]) if visual["box"] else None,
         )
-    times: dict[int, float] = {}
+    times: dict[int, float] = {}  # frames given to the session whose results are still held back
+    given = 0
     model_s = 0.0
     try:
         for frame in frames(clip, sampling):
@@ -57,6 +58,7 @@ def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callabl
                 yield _error(reason, f"{reason}: the clip was stopped at frame {frame.index}")
                 return
             times[frame.index] = frame.time_s
+            given += 1
             started = time.perf_counter()
             settled = session.add_frame(frame.image)
             model_s += time.perf_counter() - started
@@ -74,10 +76,10 @@ def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callabl
         log.exception("tracking a clip failed")
         yield _error("inference_failed", f"inference failed ({type(exc).__name__})")
         return
-    if visual is not None and visual["frame_index"] >= len(times):
+    if visual is not None and visual["frame_index"] >= given:
         yield _error(
             "invalid_option",
-            f"frame_index {visual['frame_index']} is past the clip's last processed frame ({len(times) - 1})",
+            f"frame_index {visual['frame_index']} is past the clip's last processed frame ({given - 1})",
         )
         return
     yield {"type": "end", "model_ms": round(model_s * 1000, 3)}

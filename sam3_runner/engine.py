@@ -44,6 +44,7 @@ from sam3_runner.postprocess import (
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
 from sam3_runner.types import Abandoned, BoxPrompt, Job, PointPrompt, Prompt, PromptResult, VisualPrompt
+from sam3_runner.video import track_concepts
 from sam3_runner.video_objects import track_object
 from sam3_runner.video_types import TrackingSession
 from sam3_runner.visual import VisualPromptsUnavailable, VisualSegmenter
@@ -120,9 +121,14 @@ class Sam3Engine:
             return Abandoned(gate.reasons[0])
         return self._on_device_thread(self._sliced_results, selected)
 
-    def track_object(
-        self, frame_index: int, points: Sequence[PointPrompt], box: BoxPrompt | None
+    def track_concepts(
+        self, texts: list[str], threshold: float | None, frames_total: int | None = None
     ) -> TrackingSession:
+        """A clip's session finding and tracking every instance of `texts` (sam3_runner/video.py); its device work
+        runs here, one frame per unit between the batches."""
+        return track_concepts(self.loaded, texts, threshold, self._on_device_thread, frames_total)
+
+    def track_object(self, frame_index: int, points: Sequence[PointPrompt], box: BoxPrompt | None) -> TrackingSession:
         """A clip's session for one object prompted on `frame_index` (sam3_runner/video_objects.py); its device
         work runs here, one frame per unit between the batches."""
         return track_object(self.loaded, frame_index, points, box, self._on_device_thread)

@@ -156,7 +156,9 @@ def test_one_object_from_taps_is_tracked_from_its_frame_on(server, supabase, cli
 
 
 def test_the_overlay_is_an_mp4_of_the_processed_frames(server, supabase, r2, bucket, clips):
-    status, task_id, user_id = run(server, supabase, video_url=clips["plain"], prompts=["red square"], outputs=["overlay"])
+    status, task_id, user_id = run(
+        server, supabase, video_url=clips["plain"], prompts=["red square"], outputs=["overlay"]
+    )
     assert status["status"] == "completed", status
     url = status["result"]["outputs"]["overlay_url"]
     assert url.endswith(f"masks/{user_id}/{task_id}.overlay.mp4")
