@@ -407,7 +407,7 @@ class VideoPredictRequest(JobOptions):
     )
     threshold: Probability | SkipJsonSchema[None] = Field(
         None,
-        description="Concept prompts: the detection score a new object needs; absent: SAM 3's own (0.5)",
+        description="Concept prompts: the detection score a new object needs; absent: SAM 3's own (0.7)",
         json_schema_extra=_absent_is_not_shown,
     )
     outputs: Annotated[list[VideoOutputName], Field(max_length=2)] | SkipJsonSchema[None] = Field(

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import multiprocessing
+import sqlite3
 import uuid
 
 import psycopg
@@ -137,6 +138,43 @@ def test_retention_deletes_finished_jobs_only_after_it(tmp_path):
     kept, deleted, done, waiting = run(body, tmp_path / "jobs.sqlite3")
     assert (kept, deleted, done) == (0, 1, None)
     assert waiting.status == "queued"
+
+
+def test_a_worker_at_its_video_limit_claims_the_next_image_job_past_a_video_one(tmp_path):
+    async def body(store: JobStore):
+        video_id = str(uuid.uuid4())
+        reservation = await store.reserve(video_id, "predict_video", request_json(video_id), None, 10, "t", LEASE_S)
+        await store.confirm(video_id, reservation.job.submission)
+        (image_id,) = await queue_jobs(store, 1)
+        skipping = await store.claim("w", LEASE_S, 600, skip_kinds=("predict_video",))
+        next_one = await store.claim("w", LEASE_S, 600)
+        return skipping, next_one
+
+    skipping, next_one = run(body, tmp_path / "jobs.sqlite3")
+    assert skipping.kind == "predict" and next_one.kind == "predict_video"
+
+
+def test_a_running_jobs_progress_is_kept_and_a_store_from_before_video_gains_the_column(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)  # the table as it was before video tasks: no progress column
+    old.execute(
+        "CREATE TABLE jobs (task_id TEXT PRIMARY KEY, submission TEXT NOT NULL, kind TEXT NOT NULL, request TEXT NOT "
+        "NULL, callback_url TEXT, status TEXT NOT NULL, submitted_at REAL NOT NULL, started_at REAL, finished_at REAL, "
+        "owner TEXT, lease_until REAL, result TEXT, error_code TEXT, error_message TEXT, row_pending TEXT, "
+        "row_attempt_at REAL, webhook TEXT)"
+    )
+    old.close()
+
+    async def body(store: JobStore):
+        (task_id,) = await queue_jobs(store, 1)
+        job = await store.claim("w", LEASE_S, 600)
+        await store.set_progress(job, "other-worker", {"frames_done": 9, "frames_total": 10})  # not its owner
+        unchanged = (await store.get(task_id)).progress
+        await store.set_progress(job, "w", {"frames_done": 3, "frames_total": 10})
+        return unchanged, (await store.get(task_id)).progress
+
+    unchanged, progress = run(body, path)
+    assert unchanged is None and progress == {"frames_done": 3, "frames_total": 10}
 
 
 @pytest.mark.stack
