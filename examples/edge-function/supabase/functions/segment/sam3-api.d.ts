@@ -58,6 +58,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/predict/video": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Predict Video
+         * @description Track every instance of 1-8 concepts (or one object from taps / a box) through a clip in the bucket.
+         *     Always async: 202 now; the result in the task status, the row and R2 (docs: Video).
+         */
+        post: operations["predict_video_api_v1_predict_video_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/tasks/{task_id}": {
         parameters: {
             query?: never;
@@ -116,11 +137,6 @@ export interface components {
     schemas: {
         /** BatchPredictRequest */
         BatchPredictRequest: {
-            /**
-             * Image Url
-             * @description Object key, r2:// URL or R2 URL
-             */
-            image_url: string;
             /** User Id */
             user_id: string;
             /**
@@ -129,6 +145,22 @@ export interface components {
              * @description The segmentation_results row id
              */
             task_id: string;
+            /**
+             * Async
+             * @description Answer 202 at once and run in the background (docs: Async jobs)
+             * @default false
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
+            /**
+             * Image Url
+             * @description Object key, r2:// URL or R2 URL
+             */
+            image_url: string;
             /**
              * Mask Threshold
              * @default 0.5
@@ -151,17 +183,6 @@ export interface components {
              * @default 1
              */
             polygon_tolerance?: number;
-            /**
-             * Async
-             * @description Answer 202 at once and run in the background (docs: Async jobs)
-             * @default false
-             */
-            async?: boolean;
-            /**
-             * Callback Url
-             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
-             */
-            callback_url?: string | null;
             /** Boxes */
             boxes?: components["schemas"]["Box"][];
             /**
@@ -280,6 +301,28 @@ export interface components {
         /** ErrorResponse */
         ErrorResponse: {
             error: components["schemas"]["ErrorDetail"];
+        };
+        /** FrameObject */
+        FrameObject: {
+            /** Object Id */
+            object_id: number;
+            /**
+             * Box
+             * @description xyxy in pixels of the frame, display orientation
+             */
+            box: number[];
+            /**
+             * Area
+             * @description mask pixels
+             */
+            area: number;
+            /**
+             * Rle
+             * @description COCO compressed RLE {"size": [height, width], "counts": str} of the mask
+             */
+            rle: {
+                [key: string]: unknown;
+            };
         };
         /** ImageSize */
         ImageSize: {
@@ -413,11 +456,6 @@ export interface components {
         };
         /** PredictRequest */
         PredictRequest: {
-            /**
-             * Image Url
-             * @description Object key, r2:// URL or R2 URL
-             */
-            image_url: string;
             /** User Id */
             user_id: string;
             /**
@@ -426,6 +464,22 @@ export interface components {
              * @description The segmentation_results row id
              */
             task_id: string;
+            /**
+             * Async
+             * @description Answer 202 at once and run in the background (docs: Async jobs)
+             * @default false
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
+            /**
+             * Image Url
+             * @description Object key, r2:// URL or R2 URL
+             */
+            image_url: string;
             /**
              * Mask Threshold
              * @default 0.5
@@ -448,17 +502,6 @@ export interface components {
              * @default 1
              */
             polygon_tolerance?: number;
-            /**
-             * Async
-             * @description Answer 202 at once and run in the background (docs: Async jobs)
-             * @default false
-             */
-            async?: boolean;
-            /**
-             * Callback Url
-             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
-             */
-            callback_url?: string | null;
             /** Boxes */
             boxes?: components["schemas"]["Box"][];
             /**
@@ -517,6 +560,16 @@ export interface components {
              */
             outputs?: components["schemas"]["OutputFiles"];
         };
+        /** Progress */
+        Progress: {
+            /** Frames Done */
+            frames_done: number;
+            /**
+             * Frames Total
+             * @description frames the task will process (an estimate until it ends)
+             */
+            frames_total: number;
+        };
         /**
          * TaskStatus
          * @description GET /api/v1/tasks/{task_id}, and the webhook's payload.
@@ -531,9 +584,11 @@ export interface components {
             status: "queued" | "processing" | "completed" | "failed";
             /**
              * Result
-             * @description completed: exactly the body the synchronous call would have answered
+             * @description completed: exactly the body the synchronous call would have answered (video: the result)
              */
-            result: components["schemas"]["PredictResponse"] | components["schemas"]["BatchPredictResponse"] | null;
+            result: components["schemas"]["PredictResponse"] | components["schemas"]["BatchPredictResponse"] | components["schemas"]["VideoResponse"] | null;
+            /** @description video tasks: frames processed so far; null for image tasks */
+            progress: components["schemas"]["Progress"] | null;
             /** @description failed: the code and message the synchronous call would have given */
             error: components["schemas"]["ErrorDetail"] | null;
             /**
@@ -553,16 +608,90 @@ export interface components {
             finished_at: string | null;
             webhook: components["schemas"]["WebhookStatus"] | null;
         };
-        /**
-         * VisualPredictRequest
-         * @description One object, pointed at (SAM 3's visual prompts): points, a box, an earlier visual task's mask, or several.
-         */
-        VisualPredictRequest: {
+        /** VideoFrame */
+        VideoFrame: {
             /**
-             * Image Url
-             * @description Object key, r2:// URL or R2 URL
+             * Frame Index
+             * @description 0-based, of the frames processed
              */
-            image_url: string;
+            frame_index: number;
+            /**
+             * Time S
+             * @description the frame's presentation time in the clip, seconds
+             */
+            time_s: number;
+            /** Objects */
+            objects: components["schemas"]["FrameObject"][];
+        };
+        /** VideoInfo */
+        VideoInfo: {
+            /**
+             * Width
+             * @description pixels, display orientation (rotation applied)
+             */
+            width: number;
+            /**
+             * Height
+             * @description pixels, display orientation (rotation applied)
+             */
+            height: number;
+            /**
+             * Rotation
+             * @description degrees clockwise the stored frames were turned for display: 0, 90, 180, 270
+             */
+            rotation: number;
+            /**
+             * Fps
+             * @description frames per second processed (the clip's own rate, or the request's fps)
+             */
+            fps: number;
+            /**
+             * Frames
+             * @description frames processed
+             */
+            frames: number;
+            /**
+             * Duration S
+             * @description the whole clip's duration, seconds
+             */
+            duration_s: number;
+        };
+        /** VideoObject */
+        VideoObject: {
+            /**
+             * Object Id
+             * @description stable over the clip: the same object keeps it on every frame
+             */
+            object_id: number;
+            /**
+             * Label
+             * @description the noun phrase that found it, or "object" for a visual prompt
+             */
+            label: string;
+            /**
+             * Score
+             * @description its best score over the clip (concepts: detection score; visual: object score)
+             */
+            score: number;
+            /** First Frame */
+            first_frame: number;
+            /** Last Frame */
+            last_frame: number;
+        };
+        /** VideoOutputFiles */
+        VideoOutputFiles: {
+            /**
+             * Overlay Url
+             * @description "overlay": an MP4 preview (H.264) with coloured masks and object ids
+             */
+            overlay_url?: string;
+        };
+        /**
+         * VideoPredictRequest
+         * @description Track objects through a clip (async only). Either concept prompts (`prompts`: every instance of each noun
+         *     phrase, found on every frame) or a visual prompt for one object (`points` and/or `box` on `frame_index`).
+         */
+        VideoPredictRequest: {
             /** User Id */
             user_id: string;
             /**
@@ -571,6 +700,143 @@ export interface components {
              * @description The segmentation_results row id
              */
             task_id: string;
+            /**
+             * Async
+             * @description Always true here (may be omitted)
+             * @default true
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
+            /**
+             * Video Url
+             * @description Object key, r2:// URL or R2 URL of the clip
+             */
+            video_url: string;
+            /**
+             * Prompts
+             * @description 1-8 noun phrases to track (concept prompts); or send points/box instead
+             */
+            prompts?: string[];
+            /**
+             * Points
+             * @description Taps on frame `frame_index` (one object)
+             */
+            points?: components["schemas"]["Point"][];
+            /** @description A box around one object on frame `frame_index` */
+            box?: components["schemas"]["ObjectBox"] | null;
+            /**
+             * Frame Index
+             * @description The frame (0-based, of the frames processed: after start_s and fps) that points/box are on
+             * @default 0
+             */
+            frame_index?: number;
+            /**
+             * Start S
+             * @description Start here (seconds)
+             * @default 0
+             */
+            start_s?: number;
+            /**
+             * End S
+             * @description Stop before this time (seconds); absent: the clip's end
+             */
+            end_s?: number;
+            /**
+             * Fps
+             * @description Frames per second to process; absent: the clip's own rate, capped at VIDEO_MAX_FPS
+             */
+            fps?: number;
+            /**
+             * Max Frames
+             * @description Process at most this many frames
+             */
+            max_frames?: number;
+            /**
+             * Threshold
+             * @description Concept prompts: the detection score a new object needs; absent: SAM 3's own (0.7)
+             */
+            threshold?: number;
+            /**
+             * Outputs
+             * @description "tracks" (always) and "overlay" (an MP4 preview); absent: ["tracks"]
+             */
+            outputs?: ("tracks" | "overlay")[];
+        };
+        /**
+         * VideoResponse
+         * @description The result of POST /api/v1/predict/video (in the task status, the webhook, and as JSON at result_url).
+         */
+        VideoResponse: {
+            /** Task Id */
+            task_id: string;
+            /**
+             * Result Url
+             * @description This result as a JSON object in R2 (also the row's mask_url)
+             */
+            result_url: string;
+            /** Result Key */
+            result_key: string;
+            video: components["schemas"]["VideoInfo"];
+            /**
+             * Labels
+             * @description one per object, in objects' order
+             */
+            labels: string[];
+            /** Objects */
+            objects: components["schemas"]["VideoObject"][];
+            /** Frames */
+            frames: components["schemas"]["VideoFrame"][];
+            /**
+             * Inference Time Ms
+             * @description model time over the whole clip
+             */
+            inference_time_ms: number;
+            /**
+             * Timings
+             * @description ms: download, probe, model, upload, render, total
+             */
+            timings: {
+                [key: string]: number;
+            };
+            /**
+             * Outputs
+             * @description Present when "overlay" was asked
+             */
+            outputs?: components["schemas"]["VideoOutputFiles"];
+        };
+        /**
+         * VisualPredictRequest
+         * @description One object, pointed at (SAM 3's visual prompts): points, a box, an earlier visual task's mask, or several.
+         */
+        VisualPredictRequest: {
+            /** User Id */
+            user_id: string;
+            /**
+             * Task Id
+             * Format: uuid
+             * @description The segmentation_results row id
+             */
+            task_id: string;
+            /**
+             * Async
+             * @description Answer 202 at once and run in the background (docs: Async jobs)
+             * @default false
+             */
+            async?: boolean;
+            /**
+             * Callback Url
+             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
+             */
+            callback_url?: string | null;
+            /**
+             * Image Url
+             * @description Object key, r2:// URL or R2 URL
+             */
+            image_url: string;
             /**
              * Mask Threshold
              * @default 0.5
@@ -593,17 +859,6 @@ export interface components {
              * @default 1
              */
             polygon_tolerance?: number;
-            /**
-             * Async
-             * @description Answer 202 at once and run in the background (docs: Async jobs)
-             * @default false
-             */
-            async?: boolean;
-            /**
-             * Callback Url
-             * @description With async: POST the task status here when it ends (origin in WEBHOOK_ALLOWED_ORIGINS)
-             */
-            callback_url?: string | null;
             /** Points */
             points?: components["schemas"]["Point"][];
             box?: components["schemas"]["ObjectBox"] | null;
@@ -988,6 +1243,95 @@ export interface operations {
             };
             /** @description Service Unavailable */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Gateway Timeout */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    predict_video_api_v1_predict_video_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VideoPredictRequest"];
+            };
+        };
+        responses: {
+            /** @description Accepted: the job is recorded and runs (video tasks are async only) */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobAccepted"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
+            429: {
+                headers: {
+                    /** @description seconds to wait */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description Bad Gateway */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
