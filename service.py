@@ -315,6 +315,7 @@ class Gateway:
             "text_cache": status["text_cache"],
             "image_cache": status["image_cache"],
             "batching": status["batching"],
+            "video_clips": status["video"],
             "acceleration": status["acceleration"],
             "storage": self.pipeline.store.name,
             "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",

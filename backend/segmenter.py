@@ -65,6 +65,8 @@ class Segmenter:
         self._counters = threading.Lock()
         self._decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode")
         self._video_sessions = threading.BoundedSemaphore(settings.video_sessions)
+        # clips running now, and since the start: completed, stopped early (cancelled or past their deadline), failed
+        self._clips = {"running": 0, "completed": 0, "stopped": 0, "failed": 0}
         self._loader = threading.Thread(target=self._load, name="sam3-load", daemon=True)
         self._loader.start()
 
@@ -85,6 +87,7 @@ class Segmenter:
             "timed_out": self._stopped_early[TIMED_OUT],
             "sliced": self._sliced,
         }
+        status["video"] = {**self._clips, "max_running": self._settings.video_sessions}
         if engine:
             status["info"] = engine.loaded.info()
             status["acceleration"] = {**engine.acceleration, "jpeg_decode": self._settings.sam3_jpeg_decode}
@@ -141,7 +144,20 @@ class Segmenter:
             yield {"type": "error", **self._not_ready()["error"]}
             return
         with self._video_sessions:
-            yield from track_clip(engine, clip, request, partial(abandoned, request, self._cancelled))
+            with self._counters:
+                self._clips["running"] += 1
+            ended = "failed"
+            try:
+                for message in track_clip(engine, clip, request, partial(abandoned, request, self._cancelled)):
+                    if message["type"] == "end":
+                        ended = "completed"
+                    elif message["type"] == "error" and message["code"] in (CANCELLED, TIMED_OUT):
+                        ended = "stopped"
+                    yield message
+            finally:
+                with self._counters:
+                    self._clips["running"] -= 1
+                    self._clips[ended] += 1
 
     def cancel(self, request_ids: list[str]) -> None:
         """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""

@@ -123,6 +123,7 @@ def test_a_clip_in_r2_becomes_tracked_objects_in_r2_and_the_row(server, supabase
     assert row["status"] == "completed" and row["mask_url"] == result["result_url"]
     assert row["labels"] == result["labels"]
     assert "frames" not in row["result"] and row["result"]["objects"] == result["objects"]
+    assert info(server)["video"] is True
 
 
 def test_a_rotated_phone_clip_is_tracked_upright(server, supabase, clips):
@@ -229,6 +230,32 @@ def test_kill_9_mid_clip_ends_the_task_interrupted(r2, supabase, bucket, tmp_pat
     assert status["status"] == "failed" and status["error"]["code"] == "interrupted", status
     row = task_row(supabase, task_id)
     assert row["status"] == "failed" and row["error_message"].startswith("interrupted: ")
+
+
+def test_a_clip_past_its_time_stops_in_the_model_at_its_next_frame(r2, supabase, bucket, tmp_path):
+    """VIDEO_TIMEOUT_S: the job fails with job_timeout, and the model service stops the clip (it is told, and the
+    clip's deadline has passed): no clip keeps running for nobody."""
+    path = write_clip(tmp_path / "slow.mp4", width=64, height=48, fps=30, frames=600)
+    bucket.put_object(Bucket=r2["R2_BUCKET"], Key="videos/slow-timeout.mp4", Body=path.read_bytes())
+    bento = ServedBento(serve_env(r2, supabase, VIDEO_TIMEOUT_S="4"), tmp_path / "serve.log").start()
+    try:
+        _, task_id, _ = submit(bento, supabase, video_url="videos/slow-timeout.mp4", prompts=["thing"])
+        status = wait_for(bento, task_id)
+        assert status["status"] == "failed" and status["error"]["code"] == "job_timeout", status
+        assert "VIDEO_TIMEOUT_S" in status["error"]["message"]
+        assert status["progress"]["frames_done"] < 600
+        deadline = time.monotonic() + 30
+        while (clips := info(bento)["video_clips"])["running"]:
+            assert time.monotonic() < deadline, clips
+            time.sleep(0.2)
+        assert clips["stopped"] == 1 and clips["completed"] == 0
+    finally:
+        bento.stop()
+    assert task_row(supabase, task_id)["status"] == "failed"
+
+
+def info(server) -> dict:
+    return httpx.get(f"{server.url}/api/v1/info", headers=HEADERS, timeout=30).json()
 
 
 def test_uuid_of_a_video_task_is_idempotent_while_it_runs(server, supabase, clips):
