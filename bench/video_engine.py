@@ -7,10 +7,10 @@
 Each (frames, prompts) run is a fresh process, so its peak RSS (ru_maxrss) is its own; memory that grows with the
 clip shows as a peak that grows with the frame count. Frames are moving coloured squares at --size (H x W), made on
 the fly (the clip is never held). The tiny model's random detector and tracker never agree, so under the released
-hotstart settings it removes every object in its first frames; --keep-objects (the default for it) raises the
-hotstart thresholds and caps objects at 8, so objects are tracked through the whole clip. The full-size model
-(transformers' default `Sam3VideoConfig()`, the architecture of Meta's sam3.pt, random weights) keeps the released
-settings. Writes bench/results/<date>-<device>-video-engine.json.
+hotstart settings it removes every object in its first frames; --keep-objects (the default) raises the hotstart
+thresholds and caps objects at 8, so objects are tracked through the whole clip. The full-size model is transformers'
+default `Sam3VideoConfig()` (the architecture of Meta's sam3.pt) with random weights and the demo's confident
+presence head, so that it detects (and then tracks) objects. Writes bench/results/<date>-<device>-video-engine.json.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.output import DEFAULT_OUT, save  # noqa: E402
+from sam3_runner.demo import DEMO_PRESENCE_LOGIT  # noqa: E402
 from sam3_runner.loading import LoadedModel, load_model, resolve_device, resolve_dtype  # noqa: E402
 from sam3_runner.video import track_concepts  # noqa: E402
 
@@ -56,6 +57,8 @@ def full_size(device: torch.device, dtype: torch.dtype) -> LoadedModel:
     started = time.perf_counter()
     with torch.device(device):
         model = Sam3VideoModel(Sam3VideoConfig())
+    with torch.no_grad():  # as the demo does: random weights would detect nothing, and track nothing
+        model.detector_model.detr_decoder.presence_head.layer3.bias.fill_(DEMO_PRESENCE_LOGIT)
     model = model.to(dtype=dtype).eval().requires_grad_(False)
     processor = Sam3Processor(image_processor=Sam3ImageProcessor(), tokenizer=clip_tokenizer())
     return LoadedModel(
@@ -84,7 +87,7 @@ def one_run(args) -> dict:
     loaded = (
         load_model("demo", device=str(device), dtype=args.dtype) if args.model == "tiny" else full_size(device, dtype)
     )
-    keep = args.keep_objects if args.keep_objects is not None else args.model == "tiny"
+    keep = args.keep_objects
     for name, value in (KEEP_OBJECTS if keep else {}).items():
         setattr(loaded.video, name, value)
     height, width = (int(side) for side in args.size.split("x"))
@@ -132,7 +135,7 @@ def main() -> None:
     parser.add_argument("--frames", default="50,500")
     parser.add_argument("--prompts", default="1")
     parser.add_argument("--size", default="360x640", help="frame height x width")
-    parser.add_argument("--keep-objects", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--keep-objects", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--one-frames", type=int, help=argparse.SUPPRESS)

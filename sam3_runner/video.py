@@ -200,8 +200,9 @@ class ConceptTracker:
 
 
 def video_processor(loaded: LoadedModel) -> Sam3VideoProcessor:
-    """`Sam3VideoProcessor` from the loaded processor's parts: its video processor resizes and normalises as the
-    image processor does (the hub's facebook/sam3 ships the same size, mean and std for both)."""
+    """`Sam3VideoProcessor` from the loaded processor's parts, its video processor built as transformers'
+    convert_sam3_video_to_hf.py builds the hub's: `Sam2VideoVideoProcessor` (bilinear) at the image processor's
+    size, mean and std (1008, 0.5, 0.5 for facebook/sam3)."""
     image_processor = loaded.processor.image_processor
     frames = Sam2VideoVideoProcessor(
         size={"height": image_processor.size["height"], "width": image_processor.size["width"]},
