@@ -67,9 +67,11 @@ def track_concepts(
 
     texts: 1-8 noun phrases; an object's label is the phrase that found it (SAM 3 keeps detections of different
         phrases apart: they never match, suppress or overlap each other).
-    threshold: 0..1, the detection score (presence x query probability) a detection needs to start a new object
-        (SAM 3's `new_det_thresh`, 0.7 in the released config); detections below `min(threshold,
-        score_threshold_detection)` (0.5) are dropped before matching. None: the model's config.
+    threshold: 0..1, the detection score (presence x query probability) a detection needs to count (SAM 3's
+        `score_threshold_detection`: to match a tracked object, or to start one on a frame where none is tracked)
+        and to start a new object beside tracked ones (`new_det_thresh`): both are set to it, as integrations of
+        Meta's model do. An object's score is its detection score when it started, so every score shown is at least
+        the threshold. None: the model's config (0.5 and 0.7 in the released one).
     run_on_device: runs one unit of device work and returns its result (the engine's device thread); each frame is
         one unit, so other work can run between frames. None: run in the calling thread.
     frames_total: the number of frames the clip will give, if known: the tracker attends to at most
@@ -171,8 +173,7 @@ class ConceptTracker:
         model = self.model
         saved = (model.new_det_thresh, model.score_threshold_detection)
         if self.threshold is not None:
-            model.new_det_thresh = self.threshold
-            model.score_threshold_detection = min(self.threshold, model.score_threshold_detection)
+            model.new_det_thresh = model.score_threshold_detection = self.threshold
         hook = model.detector_model.register_forward_pre_hook(_with_padding_box, with_kwargs=True)
         try:
             yield
@@ -199,8 +200,9 @@ class ConceptTracker:
 
 
 def video_processor(loaded: LoadedModel) -> Sam3VideoProcessor:
-    """`Sam3VideoProcessor` from the loaded processor's parts: its video processor resizes and normalises as the
-    image processor does (the hub's facebook/sam3 ships the same size, mean and std for both)."""
+    """`Sam3VideoProcessor` from the loaded processor's parts, its video processor built as transformers'
+    convert_sam3_video_to_hf.py builds the hub's: `Sam2VideoVideoProcessor` (bilinear) at the image processor's
+    size, mean and std (1008, 0.5, 0.5 for facebook/sam3)."""
     image_processor = loaded.processor.image_processor
     frames = Sam2VideoVideoProcessor(
         size={"height": image_processor.size["height"], "width": image_processor.size["width"]},
@@ -259,6 +261,9 @@ def _prune(model: Sam3VideoModel, session: Sam3VideoInferenceSession, frame_idx:
         for kept in (*conditioning.values(), *tracked.values()):
             kept.pop("pred_masks", None)  # masks of a past frame: never read again
             kept.pop("high_res_masks", None)
+            for key, value in kept.items():
+                if value.untyped_storage().nbytes() > value.nbytes:
+                    kept[key] = value.clone()  # a slice of all objects' memory would keep theirs alive too
     for inputs in (*session.mask_inputs_per_obj.values(), *session.point_inputs_per_obj.values()):
         inputs.clear()
     for tracked_frames in session.frames_tracked_per_obj.values():
