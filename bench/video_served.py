@@ -13,12 +13,12 @@ Supabase: rows are not written), three measurements in the same run:
     --naive-concurrency at a time; its model share is the responses' `timings.model` over their latency (requests
     in flight together overlap). The naive way gets no object ids: every frame is detected alone.
 (b) Image requests (a distinct 640x480 JPEG each, one prompt, defaults) sent at a steady --rate (open loop: one every
-    1/rate s whatever the others do), alone for --seconds, then while a clip of --frames frames runs: p50/p99 of
-    their latency. The model does a clip's work one frame per unit on its device thread, so an image batch waits
+    1/rate s whatever the others do), alone for --seconds, then while a clip of --beside-frames frames runs: p50/p99
+    of their latency. The model does a clip's work one frame per unit on its device thread, so an image batch waits
     for at most one frame.
 (c) The model worker's RSS (psutil, the sam3-model process; the gateway's too) sampled every 0.1 s while a clip of
-    --memory-frames (50 and 500) frames runs, with the task's frames_done: its peak, and the RSS at a few points
-    of the long clip. Flat memory: the 500-frame clip's peak is the 50-frame clip's.
+    --memory-frames (50, 500 and 3000 = MAX_VIDEO_FRAMES) frames runs, with the task's frames_done: its peak, and
+    the RSS at a few points of the long clips. Flat memory: the long clips' peak is the 50-frame clip's.
 
 (a) and (b) are repeated --repeat times (the box is shared: the spread shows). A short clip and a few image requests
 warm the server up first. Writes <out>/<date>-<machine>-video-served.json/.md.
@@ -228,7 +228,7 @@ async def measure(server: Server, clips: dict[str, Path], args) -> dict:
             print(f"({repetition}a)", clip, naive_runs, flush=True)
 
             alone = await stream.run(after(args.seconds))
-            clip_task = asyncio.ensure_future(run_clip(server, client, "videos/clip.mp4"))
+            clip_task = asyncio.ensure_future(run_clip(server, client, "videos/beside.mp4"))
             beside = await stream.run(clip_task.done)
             clip_beside = without_samples(await clip_task)
             print(f"({repetition}b)", alone, beside, clip_beside["frames_per_s"], flush=True)
@@ -290,20 +290,20 @@ def table(report: dict) -> str:
             f"{alone['served']} / {alone['sent']} | |",
             f"| {number} | a clip running | {beside['p50_ms']} / {beside['p99_ms']} / {beside['max_ms']} | "
             f"{beside['served']} / {beside['sent']} | {run['clip_beside_images']['frames_per_s']} "
-            f"(alone: {run['clip']['frames_per_s']}) |",
+            f"({run['clip_beside_images']['frames']} frames; alone: {run['clip']['frames_per_s']}) |",
         ]
     lines += [
         "",
         "Model worker RSS (sam3-model process, MB) while a clip runs:",
         "",
-        "| clip frames | before | peak | at frame 50 | at frame 250 | at the end | gateway peak | frames/s |",
+        "| clip frames | before | peak | at frame 50 | at frame 500 | at the end | gateway peak | frames/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for count, run in memory.items():
         samples = run["samples"]
         lines.append(
             f"| {count} | {run['model_rss_mb']['before']} | {run['model_rss_mb']['peak']} | {rss_at(samples, 50)} | "
-            f"{rss_at(samples, 250)} | {samples[-1][2]} | {run['gateway_rss_peak_mb']} | {run['frames_per_s']} |"
+            f"{rss_at(samples, 500)} | {samples[-1][2]} | {run['gateway_rss_peak_mb']} | {run['frames_per_s']} |"
         )
     return "\n".join(lines)
 
@@ -311,13 +311,14 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="320x240", help="the clips' frame size")
-    parser.add_argument("--frames", type=int, default=150, help="frames of the clip in (a) and (b)")
+    parser.add_argument("--frames", type=int, default=300, help="frames of the clip in (a)")
+    parser.add_argument("--beside-frames", type=int, default=900, help="frames of the clip in (b)")
     parser.add_argument("--fps", type=int, default=30, help="the clips' frame rate")
     parser.add_argument("--naive-concurrency", type=int, default=4)
     parser.add_argument("--rate", type=float, default=4.0, help="image requests per second in (b)")
     parser.add_argument("--seconds", type=float, default=30, help="the image stream alone in (b)")
     parser.add_argument("--repeat", type=int, default=2, help="repetitions of (a) and (b): the box is shared")
-    parser.add_argument("--memory-frames", default="50,500", help="clip lengths in (c)")
+    parser.add_argument("--memory-frames", default="50,500,3000", help="clip lengths in (c)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     args.memory_frames = [int(count) for count in args.memory_frames.split(",")]
@@ -331,6 +332,7 @@ def main() -> None:
     clips = {
         "warm-up": write_clip(videos / "warm-up.mp4", **{**shape, "frames": 30}),
         "clip": write_clip(videos / "clip.mp4", **shape, frames=args.frames),
+        "beside": write_clip(videos / "beside.mp4", **shape, frames=args.beside_frames),
         **{f"memory-{n}": write_clip(videos / f"memory-{n}.mp4", **shape, frames=n) for n in args.memory_frames},
     }
     env = {"API_SECRET_KEY": API_KEY, "LOCAL_STORAGE_DIR": str(workdir / "storage"), "SAM3_DEVICE": "cpu"}
@@ -347,7 +349,8 @@ def main() -> None:
         "load_average_at_start": load_at_start,
         "load_average_at_end": [round(value, 2) for value in os.getloadavg()],
         "model": "demo (tiny random Sam3VideoModel) on the CPU, local storage, no Supabase",
-        "clip": f"{width}x{height} H.264, {args.fps} fps, {args.frames} frames, moving squares, 1 prompt '{PROMPT}'",
+        "clip": f"{width}x{height} H.264, {args.fps} fps, moving squares, 1 prompt '{PROMPT}'; {args.frames} frames in "
+        f"(a), {args.beside_frames} in (b)",
         "images": f"a distinct 640x480 JPEG each, 1 prompt, defaults, {args.rate}/s open loop",
         "memory_samples": "(seconds since the submission, frames_done, model RSS MB, gateway RSS MB) every status poll",
         "results": results,
