@@ -10,7 +10,8 @@ the fly (the clip is never held). The tiny model's random detector and tracker n
 hotstart settings it removes every object in its first frames; --keep-objects (the default) raises the hotstart
 thresholds and caps objects at 8, so objects are tracked through the whole clip. The full-size model is transformers'
 default `Sam3VideoConfig()` (the architecture of Meta's sam3.pt) with random weights and the demo's confident
-presence head, so that it detects (and then tracks) objects. Writes bench/results/<date>-<device>-video-engine.json.
+presence head, so that it detects (and then tracks) objects.
+Writes bench/results/<date>-<device>-video-engine-<model>.json.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def main() -> None:
     device = resolve_device(args.device)
     subject = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     report = {"date": dt.date.today().isoformat(), "device": subject, "threads": torch.get_num_threads(), "runs": runs}
-    print(save(report, args.out, subject, "video-engine"))
+    print(save(report, args.out, subject, f"video-engine-{args.model}"))
 
 
 if __name__ == "__main__":
