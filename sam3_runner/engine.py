@@ -43,7 +43,16 @@ from sam3_runner.postprocess import (
 )
 from sam3_runner.text_cache import TextEmbeddingCache
 from sam3_runner.transfer import to_device
-from sam3_runner.types import Abandoned, BoxPrompt, Job, PointPrompt, Prompt, PromptResult, VisualPrompt
+from sam3_runner.types import (
+    PADDING_BOX_LABEL,
+    Abandoned,
+    BoxPrompt,
+    Job,
+    PointPrompt,
+    Prompt,
+    PromptResult,
+    VisualPrompt,
+)
 from sam3_runner.video import track_concepts
 from sam3_runner.video_objects import track_object
 from sam3_runner.video_types import TrackingSession
@@ -52,7 +61,6 @@ from sam3_runner.visual import VisualPromptsUnavailable, VisualSegmenter
 log = logging.getLogger(__name__)
 
 TEXT_LENGTH = 32  # the processor's fixed text length; CLIP's context in SAM 3
-PADDING_BOX_LABEL = -10
 WARM_UP_IMAGE = np.zeros((64, 64, 3), dtype=np.uint8)
 GRAPH_RECORD_CALLS = 3  # compile, warm up, record: after these a bucket replays its CUDA graph
 

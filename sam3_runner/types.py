@@ -14,6 +14,9 @@ from sam3_runner.image_cache import EncodedImage
 BOX_ONLY_TEXT = "visual"
 
 
+PADDING_BOX_LABEL = -10  # transformers' label for a box slot that holds no box (Meta's padding)
+
+
 @dataclass(frozen=True)
 class BoxPrompt:
     """An exemplar box in original-image pixels (xyxy); negative boxes say "not this"."""

@@ -45,11 +45,11 @@ from transformers.models.sam3_video.modeling_sam3_video import (
 from sam3_runner.loading import LoadedModel
 from sam3_runner.postprocess import mask_boxes
 from sam3_runner.rle import encode_rle
+from sam3_runner.types import PADDING_BOX_LABEL
 from sam3_runner.video_types import FrameResult, TrackedObject
 
 T = TypeVar("T")
 MAX_PROMPTS = 8
-PADDING_BOX_LABEL = -10  # transformers' label for a box that is not there
 
 
 class VideoUnavailable(RuntimeError):
