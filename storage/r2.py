@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import boto3
 import botocore.exceptions
 from botocore.config import Config
@@ -58,24 +60,11 @@ class R2Storage:
         """The object's bytes, refusing (while streaming) anything over `max_bytes`, and its identity: endpoint,
         bucket, key and the ETag of the same response (R2 and S3 give a new ETag to every write that changes the
         bytes; none: no identity)."""
-        with _translated_errors(key):
-            response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
-            length = response.get("ContentLength")
-            body = response["Body"]
-            try:
-                if length is not None and length > max_bytes:
-                    raise ObjectTooLarge(f"the image is {length} bytes; the limit is {max_bytes}")
-                chunks, received = [], 0
-                for chunk in body.iter_chunks(_CHUNK):
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise ObjectTooLarge(f"the image is over the {max_bytes}-byte limit")
-                    chunks.append(chunk)
-                etag = response.get("ETag")
-                identity = f"{self.endpoint_url}/{self.bucket}/{key}#{etag}" if etag else None
-                return ImageObject(b"".join(chunks), identity)
-            finally:
-                body.close()
+        with self._reading(key, max_bytes, "image") as (response, chunks):
+            data = b"".join(chunks)
+            etag = response.get("ETag")
+        identity = f"{self.endpoint_url}/{self.bucket}/{key}#{etag}" if etag else None
+        return ImageObject(data, identity)
 
     def get_object(self, key: str, max_bytes: int) -> bytes:
         """Any object's bytes (a record the gateway wrote), refusing one over `max_bytes`."""
@@ -90,14 +79,25 @@ class R2Storage:
         return data
 
     def download(self, key: str, path: str, max_bytes: int) -> int:
+        with self._reading(key, max_bytes, "object") as (_, chunks), open(path, "wb") as handle:
+            received = 0
+            for chunk in chunks:
+                handle.write(chunk)
+                received += len(chunk)
+        return received
+
+    @contextlib.contextmanager
+    def _reading(self, key: str, max_bytes: int, what: str):
+        """The object's GET response and its body's chunks, refusing one over `max_bytes` (by its length, then
+        while streaming: ObjectTooLarge naming `what`); the body is closed at the end."""
         with _translated_errors(key):
             response = self._client.get_object(Bucket=self.bucket, Key=validate_key(key))
-            length = response.get("ContentLength")
             body = response["Body"]
             try:
+                length = response.get("ContentLength")
                 if length is not None and length > max_bytes:
-                    raise ObjectTooLarge(f"the object is {length} bytes; the limit is {max_bytes}")
-                return _copy_bounded(body.iter_chunks(_CHUNK), path, max_bytes)
+                    raise ObjectTooLarge(f"the {what} is {length} bytes; the limit is {max_bytes}")
+                yield response, _bounded(body.iter_chunks(_CHUNK), max_bytes, what)
             finally:
                 body.close()
 
@@ -124,15 +124,13 @@ class R2Storage:
         return f"{self.endpoint_url}/{self.bucket}/{key}"
 
 
-def _copy_bounded(chunks, path: str, max_bytes: int) -> int:
+def _bounded(chunks, max_bytes: int, what: str):
     received = 0
-    with open(path, "wb") as handle:
-        for chunk in chunks:
-            received += len(chunk)
-            if received > max_bytes:
-                raise ObjectTooLarge(f"the object is over the {max_bytes}-byte limit")
-            handle.write(chunk)
-    return received
+    for chunk in chunks:
+        received += len(chunk)
+        if received > max_bytes:
+            raise ObjectTooLarge(f"the {what} is over the {max_bytes}-byte limit")
+        yield chunk
 
 
 class _translated_errors:
