@@ -103,7 +103,7 @@ class VideoPipeline:
         timings["probe"] = _ms_since(clock)
 
         clock = time.perf_counter()
-        tracks = _Tracks(workdir / "frames.jsonl", plan.frames_total)
+        tracks = _Tracks(workdir / "frames.jsonl")
         reporter = _Reporter(self.tasks, request.task_id, progress, self.settings.row_progress_every_s)
         await reporter.report(0, plan.frames_total, force=True)
         model_ms = await self._track(clip, request, plan, tracks, reporter)
@@ -239,7 +239,6 @@ class _Tracks:
     summary per object (label, best score, first and last frame)."""
 
     path: Path
-    expected: int
     count: int = 0
     _objects: dict[int, dict] = field(default_factory=dict)
 
