@@ -398,7 +398,7 @@ class VideoPredictRequest(JobOptions):
     fps: Annotated[float, Field(gt=0, le=MAX_VIDEO_FPS, allow_inf_nan=False, strict=True)] | SkipJsonSchema[None] = (
         Field(
             None,
-            description="Frames per second to process; absent: the clip's own rate, capped at VIDEO_MAX_FPS",
+            description="Frames per second to process, at most the clip's own; absent: its own, capped (VIDEO_MAX_FPS)",
             json_schema_extra=_absent_is_not_shown,
         )
     )
@@ -444,6 +444,8 @@ class VideoPredictRequest(JobOptions):
             )
         if visual and self.threshold is not None:
             raise PydanticCustomError("invalid_option", "threshold applies to concept prompts only")
+        if self.prompts and "frame_index" in self.model_fields_set:
+            raise PydanticCustomError("invalid_option", "frame_index applies to points/box (one object) only")
         if self.end_s is not None and self.end_s <= self.start_s:
             raise PydanticCustomError("invalid_option", "end_s must be after start_s")
         return self

@@ -17,11 +17,15 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from backend.api_models import VideoPredictRequest
 from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, for_video
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], Awaitable[None]]  # (frames done, frames total)
 JOB_PROGRESS_EVERY_S = 0.5  # the job store's progress (the task status) is written at most this often
+WORKDIR_PREFIX = "sam3-video-"  # + the gateway worker's pid: a task's temporary directory (the clip, its frames)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,16 @@ class VideoSettings:
     fps_cap: float  # VIDEO_MAX_FPS
     timeout_s: float  # VIDEO_TIMEOUT_S: the model's deadline for a clip
     row_progress_every_s: float  # VIDEO_PROGRESS_INTERVAL_S
+
+
+def remove_orphaned_workdirs() -> None:
+    """A task's temporary directory is removed when it ends, but not when its gateway worker is killed (kill -9, out
+    of memory): each worker removes, as it starts, those whose worker process is gone (they hold whole clips)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        owner = path.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not psutil.pid_exists(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a gateway worker that is gone", path)
 
 
 def result_key(user_id: str, task_id: str) -> str:
@@ -64,6 +79,7 @@ class VideoPipeline:
         self.tasks = tasks
         self.model = model
         self.settings = settings
+        remove_orphaned_workdirs()
 
     async def track(self, request: VideoPredictRequest, progress: Progress) -> dict:
         """The task's result body (VideoResponse). Raises the contract's ApiError (RowNotMarked when the row could
@@ -74,7 +90,7 @@ class VideoPipeline:
         except ApiError as error:
             raise RowNotMarked(error.status, error.code, error.message) from None
         try:
-            with tempfile.TemporaryDirectory(prefix="sam3-video-") as workdir:
+            with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as workdir:
                 body, summary = await self._process(request, Path(workdir), progress, started)
             await guard(self.tasks.mark_completed(request.task_id, summary))
             return body

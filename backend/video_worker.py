@@ -76,6 +76,13 @@ def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callabl
         log.exception("tracking a clip failed")
         yield _error("inference_failed", f"inference failed ({type(exc).__name__})")
         return
+    if given == 0:
+        yield _error(
+            "invalid_option",
+            f"no frame of the clip lies in the span asked for (start_s {sampling.start_s:g} s, end_s "
+            f"{sampling.end_s:g} s): widen it",
+        )
+        return
     if visual is not None and visual["frame_index"] >= given:
         yield _error(
             "invalid_option",

@@ -70,7 +70,9 @@ class JobQueue:
             reservation = await self.store.reserve(
                 request.task_id,
                 kind,
-                request.model_dump_json(by_alias=True),
+                # only the fields sent: the job validates them again as it runs (a check on which fields were
+                # sent, e.g. frame_index with concept prompts, must see the same request)
+                request.model_dump_json(by_alias=True, exclude_unset=True),
                 callback_url,
                 self._max_waiting,
                 self._owner,

@@ -114,6 +114,8 @@ def test_the_plan_caps_the_rate_and_takes_every_frame_at_the_clips_own():
     assert (capped.fps, capped.sampling.fps, capped.frames_total) == (15, 15, 150)
     own = plan(info, Sampling(fps=120, end_s=30), ROOMY, fps_cap=120)
     assert (own.fps, own.sampling, own.span_s, own.frames_total) == (60, Sampling(end_s=10.0), 10.0, 600)
+    asked = plan(info, Sampling(fps=50), ROOMY, fps_cap=15)  # a rate the request names is not capped
+    assert (asked.fps, asked.sampling.fps, asked.frames_total) == (50, 50, 500)
 
 
 def test_limits_say_which_and_the_numbers():

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import av
 import httpx
@@ -177,13 +179,16 @@ def test_the_overlay_is_an_mp4_of_the_processed_frames(server, supabase, r2, buc
         ("truncated", "invalid_video", ""),
         ("long", "video_too_long", "frames"),
         ("missing", "video_not_found", "no object"),
+        ("past the end", "invalid_option", "at or after the end of the video"),
+        ("empty span", "invalid_option", "no frame of the clip lies in the span"),
     ],
 )
 def test_a_clip_that_cannot_be_tracked_fails_the_task_and_the_row_with_its_code(
     server, supabase, clips, clip, code, words
 ):
-    key = clips.get(clip, "videos/none.mp4")
-    status, task_id, _ = run(server, supabase, video_url=key, prompts=["thing"])
+    key = clips.get(clip, "videos/none.mp4" if clip == "missing" else clips["plain"])
+    span = {"past the end": {"start_s": 5.0}, "empty span": {"start_s": 1.15, "outputs": ["overlay"]}}.get(clip, {})
+    status, task_id, _ = run(server, supabase, video_url=key, prompts=["thing"], **span)
     assert status["status"] == "failed" and status["error"]["code"] == code, status
     assert words in status["error"]["message"]
     row = task_row(supabase, task_id)
@@ -200,6 +205,7 @@ def test_a_clip_that_cannot_be_tracked_fails_the_task_and_the_row_with_its_code(
         ({"video_url": "videos/plain.mp4", "prompts": ["a"], "fps": 0}, 422, "invalid_option"),
         ({"video_url": "videos/plain.mp4", "prompts": ["a"], "start_s": 2, "end_s": 1}, 422, "invalid_option"),
         ({"video_url": "file:///etc/passwd", "prompts": ["a"]}, 400, "unsupported_video_url"),
+        ({"video_url": "videos/plain.mp4", "prompts": ["a"], "frame_index": 2}, 422, "invalid_option"),
     ],
 )
 def test_a_bad_video_request_is_refused_at_once_and_the_row_is_untouched(server, supabase, body, status_code, code):
@@ -219,6 +225,9 @@ def test_kill_9_mid_clip_ends_the_task_interrupted(r2, supabase, bucket, tmp_pat
         running = wait_for(bento, task_id, done=lambda status: (status["progress"] or {}).get("frames_done", 0) > 0)
         assert running["status"] == "processing" and running["progress"]["frames_total"] == 600
         assert task_row(supabase, task_id)["result"]["progress"]["frames_total"] == 600
+        killed = bento.worker_pids("sam3-gateway")
+        workdirs = [path for pid in killed for path in Path(tempfile.gettempdir()).glob(f"sam3-video-{pid}-*")]
+        assert workdirs and all((path / "clip").exists() for path in workdirs)
         bento.kill()
     finally:
         bento.stop()
@@ -230,6 +239,7 @@ def test_kill_9_mid_clip_ends_the_task_interrupted(r2, supabase, bucket, tmp_pat
     assert status["status"] == "failed" and status["error"]["code"] == "interrupted", status
     row = task_row(supabase, task_id)
     assert row["status"] == "failed" and row["error_message"].startswith("interrupted: ")
+    assert not any(path.exists() for path in workdirs)  # the killed worker's copy of the clip is gone
 
 
 def test_a_clip_past_its_time_stops_in_the_model_at_its_next_frame(r2, supabase, bucket, tmp_path):

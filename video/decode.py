@@ -147,9 +147,9 @@ def probe(path: str | Path) -> VideoInfo:
 def plan(info: VideoInfo, sampling: Sampling, limits: VideoLimits, fps_cap: float) -> Plan:
     """Resolve ``sampling`` against the clip and check ``limits``.
 
-    The sample rate is ``sampling.fps`` (default: the clip's own), never above ``fps_cap`` nor the clip's rate; when it
-    is the clip's rate every frame is taken. Raises ``InvalidSampling`` when ``start_s`` is at or after the end of the
-    clip, ``VideoTooLong`` naming the first limit exceeded (pixels per frame, then seconds of the processed span, then
+    The sample rate is ``sampling.fps``, never above the clip's own (average) rate; without it, the clip's own rate
+    capped at ``fps_cap``. When it is the clip's rate every frame is taken. Raises ``InvalidSampling`` when
+    ``start_s`` is at or after the end of the clip, ``VideoTooLong`` naming the first limit exceeded (pixels per frame, then seconds of the processed span, then
     frames to process) with the numbers.
     """
     if sampling.start_s >= info.duration_s:
@@ -157,7 +157,7 @@ def plan(info: VideoInfo, sampling: Sampling, limits: VideoLimits, fps_cap: floa
             f"start_s ({sampling.start_s} s) is at or after the end of the video ({info.duration_s:.2f} s)"
         )
     end_s = info.duration_s if sampling.end_s is None else min(sampling.end_s, info.duration_s)
-    rate = min(sampling.fps or info.fps, info.fps, fps_cap)
+    rate = min(sampling.fps, info.fps) if sampling.fps else min(info.fps, fps_cap)
     every_frame = rate >= info.fps
     span_s = end_s - sampling.start_s
     if every_frame and sampling.start_s == 0 and end_s == info.duration_s:
