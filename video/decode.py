@@ -149,8 +149,8 @@ def plan(info: VideoInfo, sampling: Sampling, limits: VideoLimits, fps_cap: floa
 
     The sample rate is ``sampling.fps``, never above the clip's own (average) rate; without it, the clip's own rate
     capped at ``fps_cap``. When it is the clip's rate every frame is taken. Raises ``InvalidSampling`` when
-    ``start_s`` is at or after the end of the clip, ``VideoTooLong`` naming the first limit exceeded (pixels per frame, then seconds of the processed span, then
-    frames to process) with the numbers.
+    ``start_s`` is at or after the end of the clip, ``VideoTooLong`` naming the first limit exceeded (pixels per
+    frame, then seconds of the processed span, then frames to process) with the numbers.
     """
     if sampling.start_s >= info.duration_s:
         raise InvalidSampling(
