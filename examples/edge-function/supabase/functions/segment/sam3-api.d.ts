@@ -747,7 +747,7 @@ export interface components {
             end_s?: number;
             /**
              * Fps
-             * @description Frames per second to process; absent: the clip's own rate, capped at VIDEO_MAX_FPS
+             * @description Frames per second to process, at most the clip's own; absent: its own, capped (VIDEO_MAX_FPS)
              */
             fps?: number;
             /**
