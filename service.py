@@ -163,6 +163,10 @@ class Sam3Model:
             await asyncio.to_thread(messages.close)
 
     @bentoml.api
+    async def renew(self, request_ids: list[str]) -> None:
+        self.segmenter.renew(request_ids)
+
+    @bentoml.api
     async def cancel(self, request_ids: list[str]) -> None:
         self.segmenter.cancel(request_ids)
 
@@ -195,7 +199,12 @@ class Gateway:
         self.pipeline = PredictPipeline(
             store=build_store(settings),
             tasks=build_task_store(settings),
-            model=ModelClient(self.model.to_async, settings.model_timeout_s, retry_after_s=settings.retry_after_s),
+            model=ModelClient(
+                self.model.to_async,
+                settings.model_timeout_s,
+                retry_after_s=settings.retry_after_s,
+                renew_every_s=settings.video_lease_s / 3,
+            ),
             limits=Limits(
                 settings.max_image_bytes,
                 settings.max_image_pixels,

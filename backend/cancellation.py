@@ -45,6 +45,38 @@ class CancelledRequests:
         return expiry is not None and expiry >= time.monotonic()
 
 
+class Leases:
+    """Long requests (a clip) their caller keeps alive: each is held for `ttl_s` from its start and from each
+    renewal; one not renewed in time was left by a caller that died without a word (kill -9, out of memory), which
+    no `cancel` will ever report."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, request_id: str) -> None:
+        with self._lock:
+            self._expiry[request_id] = time.monotonic() + self._ttl_s
+
+    def renew(self, request_ids: list[str]) -> None:
+        """Only requests still held: a renewal that arrives after the request ended holds nothing."""
+        now = time.monotonic()
+        with self._lock:
+            for request_id in request_ids:
+                if request_id in self._expiry:
+                    self._expiry[request_id] = now + self._ttl_s
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._expiry.pop(request_id, None)
+
+    def expired(self, request_id: str) -> bool:
+        with self._lock:
+            expiry = self._expiry.get(request_id)
+        return expiry is not None and expiry < time.monotonic()
+
+
 def abandoned(item: dict, cancelled: CancelledRequests) -> str | None:
     """Why nobody wants this item's result any more (CANCELLED or TIMED_OUT), or None while it is wanted."""
     if item.get("request_id") in cancelled:

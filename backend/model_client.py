@@ -40,10 +40,12 @@ log = logging.getLogger(__name__)
 class ModelClient:
     """`remote` is BentoML's async client of the model service (`bentoml.depends(Sam3Model).to_async`)."""
 
-    def __init__(self, remote: Any, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, remote: Any, timeout_s: float, retry_after_s: int, renew_every_s: float) -> None:
+        """renew_every_s: how often a clip being read is renewed (VIDEO_LEASE_S / 3)."""
         self._remote = remote
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s
+        self._renew_every_s = renew_every_s
         self._cancels: set[asyncio.Task] = set()
 
     async def segment(self, item: dict, sliced: bool) -> dict:
@@ -79,6 +81,7 @@ class ModelClient:
         sent = addressed(request, request_id, time.time() + timeout_s)
         buffered = ""
         finished = False
+        renewing = asyncio.get_running_loop().create_task(self._renew_while_read(request_id))
         try:
             async for chunk in self._remote.track_video(clip=clip, request=sent):
                 buffered += chunk
@@ -93,8 +96,20 @@ class ModelClient:
             raise
         except Exception as exc:  # the client raises transport and HTTP errors of many kinds
             raise self._error(exc) from None
+        finally:
+            renewing.cancel()
         if not finished:  # the stream ended without its last message: the model worker went away mid-clip
             raise _unavailable()
+
+    async def _renew_while_read(self, request_id: str) -> None:
+        """The clip's lease in the model service (backend/cancellation.py, Leases): renewed while this process
+        reads it; if this process dies, the renewals stop and so does the clip."""
+        while True:
+            await asyncio.sleep(self._renew_every_s)
+            try:
+                await self._remote.renew(request_ids=[request_id])
+            except Exception as exc:  # a missed renewal is retried; the lease outlasts two of them
+                log.warning("could not renew a clip's lease: %s", type(exc).__name__)
 
     def _cancel_soon(self, request_ids: list[str]) -> None:
         """Fire and forget, in a task of its own: the cancellation that brought us here must not stop it."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, abandoned
+from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, Leases, abandoned
 from backend.protocol import failure, item_prompts, item_visual, success
 from backend.settings import Settings
 from backend.video_worker import track_clip
@@ -60,6 +60,7 @@ class Segmenter:
         self._batches = 0
         self._largest_batch = 0
         self._cancelled = CancelledRequests(settings.model_timeout_s + CLOCK_MARGIN_S)
+        self._clip_leases = Leases(settings.video_lease_s)
         self._stopped_early = {CANCELLED: 0, TIMED_OUT: 0}
         self._sliced = 0
         self._counters = threading.Lock()
@@ -143,21 +144,37 @@ class Segmenter:
         if engine is None:
             yield {"type": "error", **self._not_ready()["error"]}
             return
+        request_id = request["request_id"]
+        self._clip_leases.hold(request_id)  # waiting for a session counts: the gateway renews from the start
+
+        def stop_reason() -> str | None:
+            if self._clip_leases.expired(request_id):
+                return CANCELLED
+            return abandoned(request, self._cancelled)
+
         with self._video_sessions:
             with self._counters:
                 self._clips["running"] += 1
             ended = "failed"
             try:
-                for message in track_clip(engine, clip, request, partial(abandoned, request, self._cancelled)):
+                for message in track_clip(engine, clip, request, stop_reason):
                     if message["type"] == "end":
                         ended = "completed"
                     elif message["type"] == "error" and message["code"] in (CANCELLED, TIMED_OUT):
                         ended = "stopped"
                     yield message
+            except GeneratorExit:  # the stream was closed: its reader (the gateway) went away
+                ended = "stopped"
+                raise
             finally:
+                self._clip_leases.release(request_id)
                 with self._counters:
                     self._clips["running"] -= 1
                     self._clips[ended] += 1
+
+    def renew(self, request_ids: list[str]) -> None:
+        """The gateway still reads these clips (every VIDEO_LEASE_S / 3); one not renewed stops at its next frame."""
+        self._clip_leases.renew(request_ids)
 
     def cancel(self, request_ids: list[str]) -> None:
         """The gateway gave up on these requests: stop them at their next stage boundary (backend/cancellation.py)."""

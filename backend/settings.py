@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     video_timeout_s: int = Field(3600, ge=1)  # one video task's run, as REQUEST_TIMEOUT_S is an image task's
     video_progress_interval_s: float = Field(2.0, ge=0)  # the row's progress is written at most this often
     video_sessions: int = Field(2, ge=1, le=16)  # clips one model worker tracks at once; more wait their turn
+    # the gateway renews a running clip every third of this; a clip not renewed (its gateway worker was killed)
+    # stops in the model at its next frame
+    video_lease_s: float = Field(30.0, ge=1)
 
     # Async jobs ("async": true): a SQLite (WAL) store shared by the gateway workers of one box (jobs/).
     job_store_path: str = "var/jobs.sqlite3"

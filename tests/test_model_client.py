@@ -56,7 +56,9 @@ async def _remote(url: str, timeout_s: float = 30) -> AsyncHTTPClient:
 
 
 async def _client(url: str, timeout_s: float = 30) -> ModelClient:
-    return ModelClient(await _remote(url, timeout_s), timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
+    return ModelClient(
+        await _remote(url, timeout_s), timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S, renew_every_s=10.0
+    )
 
 
 def _error(coroutine) -> ApiError | None:
@@ -89,7 +91,7 @@ def test_a_cancelled_call_tells_the_model_service_which_request_to_stop(idle):
 
     async def cancel_a_slow_call():
         remote = await _remote(idle.url)
-        client = ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
+        client = ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S, renew_every_s=10.0)
         call = asyncio.ensure_future(client.segment({"sleep": 1.0}, sliced=False))
         await asyncio.sleep(0.5)
         call.cancel()
@@ -169,7 +171,7 @@ async def _depends_client(url: str, timeout_s: float = 30) -> ModelClient:
 
     remote = AsyncClient(url, service=StandInModel, server_ready_timeout=0, timeout=timeout_s)
     await remote.__aenter__()
-    return ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S)
+    return ModelClient(remote, timeout_s=TRAFFIC_TIMEOUT_S, retry_after_s=RETRY_AFTER_S, renew_every_s=10.0)
 
 
 def test_the_depends_client_to_an_unreachable_model_service_is_503_model_unavailable():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import tempfile
 import time
 import uuid
@@ -262,6 +264,32 @@ def test_a_clip_past_its_time_stops_in_the_model_at_its_next_frame(r2, supabase,
     finally:
         bento.stop()
     assert task_row(supabase, task_id)["status"] == "failed"
+
+
+def test_a_clip_nobody_reads_any_more_stops_in_the_model(r2, supabase, bucket, tmp_path):
+    """The gateway worker hangs (SIGSTOP; a partitioned or dead gateway pod whose connection lingers looks the
+    same): no cancel comes and the stream stays open, but the clip's renewals stop, its lease in the model service
+    (VIDEO_LEASE_S) runs out and the clip stops at its next frame instead of running on for nobody."""
+    path = write_clip(tmp_path / "long.mp4", width=64, height=48, fps=30, frames=1200)
+    bucket.put_object(Bucket=r2["R2_BUCKET"], Key="videos/orphan.mp4", Body=path.read_bytes())
+    bento = ServedBento(serve_env(r2, supabase, VIDEO_LEASE_S="3"), tmp_path / "serve.log").start()
+    try:
+        _, task_id, _ = submit(bento, supabase, video_url="videos/orphan.mp4", prompts=["thing"])
+        wait_for(bento, task_id, done=lambda status: (status["progress"] or {}).get("frames_done", 0) > 0)
+        gateway = bento.worker_pids("sam3-gateway")
+        for pid in gateway:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(8)
+        for pid in gateway:
+            os.kill(pid, signal.SIGCONT)
+        status = wait_for(bento, task_id, timeout=120)
+        assert status["status"] == "failed" and status["error"]["code"] == "cancelled", status
+        assert status["progress"]["frames_done"] < 1200
+        clips = info(bento)["video_clips"]
+        assert (clips["running"], clips["stopped"], clips["completed"]) == (0, 1, 0), clips
+    finally:
+        bento.stop()
+    assert task_row(supabase, task_id)["error_message"].startswith("cancelled: ")
 
 
 def info(server) -> dict:
