@@ -67,8 +67,7 @@ class ModelClient:
         except asyncio.CancelledError:
             self._cancel_soon([request_id])
             raise
-        except TimeoutError:
-            self._cancel_soon([request_id])
+        except TimeoutError:  # its deadline has passed too: the model service stops it there (counted timed_out)
             raise self._timed_out() from None
         except Exception as exc:  # the client raises transport and HTTP errors of many kinds
             raise self._error(exc) from None
