@@ -5,6 +5,7 @@ gets the job with "async": true, the row reaches `completed` and the mask is in 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import jwt
 import numpy as np
 import psycopg
 import pytest
+from clips import write_clip
 from PIL import Image
 from served import free_port
 from stack import ROOT, STACK_API_KEY, task_row
@@ -123,6 +125,23 @@ def test_the_app_gets_202_and_the_row_reaches_completed_with_the_mask_in_the_buc
     assert ((mask == 255).sum() > 0) == (found > 0)
 
 
+def test_a_clip_goes_through_the_same_function_and_its_row_completes_with_the_tracks(
+    edge_function, supabase, r2, bucket, tmp_path
+):
+    clip = write_clip(tmp_path / "clip.mp4", width=64, height=48, fps=10, frames=8)
+    bucket.put_object(Bucket=r2["R2_BUCKET"], Key="videos/edge.mp4", Body=clip.read_bytes())
+    user_id, token = new_user(supabase)
+    response = segment(edge_function, token, {"video_key": "videos/edge.mp4", "prompt": "square"})
+    assert response.status_code == 202, response.text
+    row = finished_row(supabase, response.json()["task_id"])
+    assert row["status"] == "completed", row["error_message"]
+    assert row["result"]["video"]["frames"] == 8 and "frames" not in row["result"]
+    key = f"masks/{user_id}/{response.json()['task_id']}.video.json"
+    assert row["mask_url"].endswith(key)
+    stored = json.loads(bucket.get_object(Bucket=r2["R2_BUCKET"], Key=key)["Body"].read())
+    assert [frame["frame_index"] for frame in stored["frames"]] == list(range(8))
+
+
 def test_a_missing_image_marks_the_row_failed(edge_function, supabase):
     user_id, token = new_user(supabase)
     response = segment(edge_function, token, {"image_key": "images/nope.jpg", "prompt": "car"})
@@ -169,8 +188,8 @@ def test_a_request_field_the_schema_lacks_is_a_type_error(tmp_path):
     copy = tmp_path / "segment"
     shutil.copytree(FUNCTION, copy)
     source = (copy / "index.ts").read_text()
-    assert "      async: true,\n" in source
-    (copy / "index.ts").write_text(source.replace("      async: true,\n", "      run_in_background: true,\n"))
+    assert "    async: true,\n" in source
+    (copy / "index.ts").write_text(source.replace("    async: true,\n", "    run_in_background: true,\n"))
     checked = subprocess.run(
         [str(DENO), "check", "--cached-only", "index.ts"],
         cwd=copy,
