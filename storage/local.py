@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -35,15 +36,8 @@ class LocalStorage:
     def get_image(self, key: str, max_bytes: int) -> ImageObject:
         """The file's bytes; its version is a hash of them (BLAKE2b, 128 bits): a file has no ETag, and its mtime
         and size can stay the same across a rewrite."""
-        path = self.path_for(key)
-        try:
-            with path.open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > max_bytes:
-                    raise ObjectTooLarge(f"the image is {size} bytes; the limit is {max_bytes}")
-                data = handle.read(max_bytes + 1)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ObjectNotFound(f"no object {key!r} in local storage") from None
+        with self._reading(key, max_bytes, "image") as handle:
+            data = handle.read(max_bytes + 1)
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         return ImageObject(data, f"local:{self.root}/{key}#{digest}")
 
@@ -60,17 +54,23 @@ class LocalStorage:
         return data
 
     def download(self, key: str, path: str, max_bytes: int) -> int:
-        source = self.path_for(key)
+        with self._reading(key, max_bytes, "object") as handle, open(path, "wb") as target:
+            shutil.copyfileobj(handle, target)
+            return target.tell()
+
+    @contextlib.contextmanager
+    def _reading(self, key: str, max_bytes: int, what: str):
+        """The file open for reading; ObjectNotFound when there is none, ObjectTooLarge (naming `what`) when it
+        holds more than `max_bytes`."""
         try:
-            with source.open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > max_bytes:
-                    raise ObjectTooLarge(f"the object is {size} bytes; the limit is {max_bytes}")
-                with open(path, "wb") as target:
-                    shutil.copyfileobj(handle, target)
+            handle = self.path_for(key).open("rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in local storage") from None
-        return size
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise ObjectTooLarge(f"the {what} is {size} bytes; the limit is {max_bytes}")
+            yield handle
 
     def put_png(self, key: str, data: bytes) -> StoredObject:
         return self.put_object(key, data, "image/png")
