@@ -10,6 +10,7 @@ so sending a task again overwrites the same objects and row (idempotent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -134,22 +135,11 @@ class PredictPipeline:
         except BaseException:
             _drop(download)
             raise
-        try:
+        async with failures_recorded(self.tasks, request.task_id, retries_model_down, "request"):
             image, download_ms = await download
             bodies, summary = await self._process(request, kind, image, download_ms, started)
             await guard(self.tasks.mark_completed(request.task_id, summary["task_result"]))
             return bodies, summary
-        except ApiError as error:
-            if not (retries_model_down and error.code in MODEL_DOWN):
-                await record_failure(self.tasks, request.task_id, f"{error.code}: {error.message}")
-            raise
-        except asyncio.CancelledError as cancelled:
-            await asyncio.shield(record_failure(self.tasks, request.task_id, _cancelled_message(cancelled)))
-            raise
-        except Exception:
-            log.exception("task %s failed unexpectedly", request.task_id)
-            await record_failure(self.tasks, request.task_id, "internal_error: the server failed while processing")
-            raise ApiError(500, "internal_error", "the server failed while processing this request") from None
 
     async def _inputs(self, request: TaskOptions, kind: PromptKind) -> tuple[ImageObject, float]:
         """The image and the download's ms, with what the prompt kind needs besides it fetched meanwhile, and this
@@ -244,6 +234,27 @@ async def guard(awaitable):
         if error is None:
             raise
         raise error from None
+
+
+@contextlib.asynccontextmanager
+async def failures_recorded(tasks: TaskStore, task_id: str, retries_model_down: bool, what: str):
+    """A task's work once its row says processing: whatever fails it marks the row failed with its code and
+    message, except the model being down (503) when `retries_model_down` (the job runs again, the row stays
+    processing); a cancellation is recorded too; anything unexpected becomes 500 internal_error ("... this
+    `what`")."""
+    try:
+        yield
+    except ApiError as error:
+        if not (retries_model_down and error.code in MODEL_DOWN):
+            await record_failure(tasks, task_id, f"{error.code}: {error.message}")
+        raise
+    except asyncio.CancelledError as cancelled:
+        await asyncio.shield(record_failure(tasks, task_id, _cancelled_message(cancelled)))
+        raise
+    except Exception:
+        log.exception("task %s failed unexpectedly", task_id)
+        await record_failure(tasks, task_id, "internal_error: the server failed while processing")
+        raise ApiError(500, "internal_error", f"the server failed while processing this {what}") from None
 
 
 async def record_failure(tasks: TaskStore, task_id: str, message: str) -> None:

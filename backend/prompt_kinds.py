@@ -16,9 +16,9 @@ from typing import Protocol
 from backend.api_models import VisualPredictRequest
 from backend.cost import Cost, estimate
 from backend.outputs import model_needs_rle
-from backend.protocol import make_item, make_visual_item, unpack_logits
+from backend.protocol import make_item, make_visual_item, object_prompt, unpack_logits
 from backend.refinement import Refinement, Refinements, image_sha256
-from sam3_runner import BoxPrompt, PointPrompt, Prompt, VisualPrompt
+from sam3_runner import Prompt
 
 # The label of a visual prompt's candidates: they are masks of the object pointed at, not of a named concept.
 OBJECT_LABEL = "object"
@@ -89,10 +89,9 @@ class ObjectPrompt:
     async def item(self, image: bytes, max_pixels: int, image_identity: str | None) -> dict:
         self._image_sha256 = await asyncio.to_thread(image_sha256, image)
         request = self.request
-        box = request.box
-        prompt = VisualPrompt(
-            points=tuple(PointPrompt(p.x, p.y, positive=p.label == "positive") for p in request.points),
-            box=BoxPrompt(box.x1, box.y1, box.x2, box.y2) if box else None,
+        prompt = object_prompt(
+            request.points,
+            request.box,
             mask_input=self._refined.mask_input(self._image_sha256) if self._refined else None,
             multimask=request.multimask,
             mask_threshold=request.mask_threshold,

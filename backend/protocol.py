@@ -51,8 +51,7 @@ def make_visual_item(image: bytes, visual: VisualPrompt, max_pixels: int, image_
         "image_identity": image_identity,
         "prompts": [],
         "visual": {
-            "points": [asdict(point) for point in visual.points],
-            "box": None if visual.box is None else asdict(visual.box),
+            **object_fields(visual),
             "mask_input": None if visual.mask_input is None else pack_logits(visual.mask_input),
             "multimask": visual.multimask,
             "mask_threshold": visual.mask_threshold,
@@ -66,14 +65,30 @@ def item_visual(item: dict) -> VisualPrompt | None:
     fields = item.get("visual")
     if fields is None:
         return None
+    points, box = object_of(fields)
     return VisualPrompt(
-        points=tuple(PointPrompt(**point) for point in fields["points"]),
-        box=None if fields["box"] is None else BoxPrompt(**fields["box"]),
+        points=points,
+        box=box,
         mask_input=None if fields["mask_input"] is None else unpack_logits(fields["mask_input"]),
         multimask=fields["multimask"],
         mask_threshold=fields["mask_threshold"],
         include_rle=fields["include_rle"],
     )
+
+
+def object_fields(visual: VisualPrompt) -> dict:
+    """A visual prompt's points and box as they travel: {"points": [{"x", "y", "positive"}], "box": {"x1", "y1",
+    "x2", "y2", "positive"} | None} (an image item's "visual", a clip's request)."""
+    return {
+        "points": [asdict(point) for point in visual.points],
+        "box": None if visual.box is None else asdict(visual.box),
+    }
+
+
+def object_of(fields: dict) -> tuple[tuple[PointPrompt, ...], BoxPrompt | None]:
+    """object_fields' dict -> (points, box)."""
+    points = tuple(PointPrompt(**point) for point in fields["points"])
+    return points, None if fields["box"] is None else BoxPrompt(**fields["box"])
 
 
 def pack_logits(logits: np.ndarray) -> dict:
@@ -142,3 +157,13 @@ def union_of(results: list[dict]) -> dict:
 
 def box_prompts(boxes: list) -> tuple[BoxPrompt, ...]:
     return tuple(BoxPrompt(b.x1, b.y1, b.x2, b.y2, positive=b.label == "positive") for b in boxes)
+
+
+def object_prompt(points: list, box, **options) -> VisualPrompt:
+    """A request's taps (api_models.Point) and box (api_models.ObjectBox or None) as the model's VisualPrompt;
+    `options`: its other fields (mask_input, multimask, mask_threshold, include_rle)."""
+    return VisualPrompt(
+        points=tuple(PointPrompt(p.x, p.y, positive=p.label == "positive") for p in points),
+        box=BoxPrompt(box.x1, box.y1, box.x2, box.y2) if box else None,
+        **options,
+    )

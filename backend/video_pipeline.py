@@ -28,12 +28,12 @@ from pathlib import Path
 import psutil
 
 from backend.api_models import VideoPredictRequest
-from backend.errors import MODEL_DOWN, MODEL_ERROR_STATUS, ApiError, RowNotMarked, for_video
+from backend.errors import MODEL_ERROR_STATUS, ApiError, RowNotMarked, for_video
 from backend.model_client import ModelClient
-from backend.pipeline import guard, record_failure
+from backend.pipeline import failures_recorded, guard
+from backend.protocol import object_fields, object_prompt
 from backend.segmenter import visual_error
 from renderers.video_overlay import render_video_overlay
-from sam3_runner import BoxPrompt, PointPrompt, VisualPrompt
 from storage import ObjectStore
 from tasks import TaskResult, TaskStore
 from video import InvalidSampling, InvalidVideo, Plan, Sampling, VideoInfo, VideoLimits, VideoTooLong, frames, probe
@@ -89,23 +89,11 @@ class VideoPipeline:
             await guard(self.tasks.mark_processing(request.task_id))
         except ApiError as error:
             raise RowNotMarked(error.status, error.code, error.message) from None
-        try:
+        async with failures_recorded(self.tasks, request.task_id, retries_model_down=True, what="task"):
             with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as workdir:
                 body, summary = await self._process(request, Path(workdir), progress, started)
             await guard(self.tasks.mark_completed(request.task_id, summary))
             return body
-        except ApiError as error:
-            if error.code not in MODEL_DOWN:
-                await record_failure(self.tasks, request.task_id, f"{error.code}: {error.message}")
-            raise
-        except asyncio.CancelledError as cancelled:
-            message = f"cancelled: {cancelled.args[0]}" if cancelled.args and cancelled.args[0] else "cancelled"
-            await asyncio.shield(record_failure(self.tasks, request.task_id, message))
-            raise
-        except Exception:
-            log.exception("video task %s failed unexpectedly", request.task_id)
-            await record_failure(self.tasks, request.task_id, "internal_error: the server failed while processing")
-            raise ApiError(500, "internal_error", "the server failed while processing this task") from None
 
     async def _process(self, request: VideoPredictRequest, workdir: Path, progress: Progress, started: float):
         timings: dict[str, float] = {}
@@ -216,8 +204,7 @@ class VideoPipeline:
         if not request.prompts:
             model_request["visual"] = {
                 "frame_index": request.frame_index,
-                "points": [[point.x, point.y, point.label == "positive"] for point in request.points],
-                "box": [request.box.x1, request.box.y1, request.box.x2, request.box.y2] if request.box else None,
+                **object_fields(object_prompt(request.points, request.box)),
             }
         async for message in self.model.track_video(clip, model_request, self.settings.timeout_s):
             if message["type"] == "frame":
@@ -233,12 +220,7 @@ class VideoPipeline:
 
 def _check_visual_prompt(request: VideoPredictRequest, info: VideoInfo, plan: Plan) -> None:
     """The taps and box lie on the frame (display orientation), and `frame_index` is one of the frames planned."""
-    box = request.box
-    prompt = VisualPrompt(
-        points=tuple(PointPrompt(p.x, p.y, positive=p.label == "positive") for p in request.points),
-        box=BoxPrompt(box.x1, box.y1, box.x2, box.y2) if box else None,
-    )
-    if failed := visual_error(prompt, info.width, info.height):
+    if failed := visual_error(object_prompt(request.points, request.box), info.width, info.height):
         code, message = failed["error"]["code"], failed["error"]["message"]
         raise ApiError(MODEL_ERROR_STATUS[code], code, message.replace("image", "frame"))
     if request.frame_index >= plan.frames_total:

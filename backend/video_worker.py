@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from sam3_runner import BoxPrompt, PointPrompt, Sam3Engine
+from backend.protocol import object_of
+from sam3_runner import Sam3Engine
 from sam3_runner.video_types import FrameResult
 from video import InvalidVideo, Sampling, frames
 
@@ -33,9 +34,8 @@ VIDEO_UNAVAILABLE = (
 
 def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callable[[], str | None]) -> Iterator[dict]:
     """`request`: {"sampling": video.Sampling's fields (the gateway's plan), "frames_total": int, "prompts": [str],
-    "threshold": float | None, "visual": {"frame_index", "points": [[x, y, positive]], "box": [x1, y1, x2, y2] |
-    None} | absent}. `abandoned()`: why nobody wants the
-    result any more (backend/cancellation.py), or None."""
+    "threshold": float | None, "visual": {"frame_index", and backend/protocol.py's object_fields} | absent}.
+    `abandoned()`: why nobody wants the result any more (backend/cancellation.py), or None."""
     if engine.loaded.video is None:
         yield _error("video_unavailable", VIDEO_UNAVAILABLE)
         return
@@ -44,11 +44,7 @@ def track_clip(engine: Sam3Engine, clip: Path, request: dict, abandoned: Callabl
     if visual is None:
         session = engine.track_concepts(request["prompts"], request.get("threshold"), request.get("frames_total"))
     else:
-        session = engine.track_object(
-            visual["frame_index"],
-            [PointPrompt(x, y, positive=positive) for x, y, positive in visual["points"]],
-            BoxPrompt(*visual["box"]) if visual["box"] else None,
-        )
+        session = engine.track_object(visual["frame_index"], *object_of(visual))
     times: dict[int, float] = {}  # frames given to the session whose results are still held back
     given = 0
     model_s = 0.0
