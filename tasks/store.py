@@ -1,7 +1,8 @@
 """Task rows in Supabase, written with the service_role key. UPDATE only, never insert or delete.
 
 A row's UPDATE (every request and every async job, one of them before each 202) is a PATCH to PostgREST through
-aiohttp; the stale-row sweep (once a minute) goes through supabase-py. Why not supabase-py for both: it sends with
+aiohttp; the stale-row sweep (once a minute) goes through supabase-py. Rows marked processing at the same time
+share one PATCH (tasks/coalesce.py). Why not supabase-py for both: it sends with
 httpx, whose connection pool (httpcore) costs 0.9-1.6 ms of CPU per request at 32 concurrent requests on the
 2-core dev box, against ~0.45 ms for aiohttp, with the same answers (bench/row_update.py, `*-row-update.json`); under
 32 concurrent async submitters it was about half of the gateway's CPU per 202 (bench/NOTES.md).
@@ -21,6 +22,7 @@ import httpx
 from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
+from tasks.coalesce import Coalescer
 from tasks.errors import TaskNotUpdated, TaskStoreTimeout, TaskStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 PROCESSING, COMPLETED, FAILED = "processing", "completed", "failed"
 _MISSING_COLUMN = "PGRST204"
 _REFUSED_KEY = {"PGRST301", "PGRST302", "401", "42501"}
+# Rows one coalesced PATCH marks at most: its `id=in.(...)` filter stays ~2 KB, well inside any proxy's URL limit.
+MAX_ROWS_PER_UPDATE = 50
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,29 @@ class SupabaseTaskStore:
         self._session: aiohttp.ClientSession | None = None  # the row updates' connections...
         self._session_loop: asyncio.AbstractEventLoop | None = None  # ...on this event loop
         self._result_column = True  # dropped after the table says it has none
+        self._processing = Coalescer(self._mark_rows_processing, MAX_ROWS_PER_UPDATE)
 
     async def mark_processing(self, task_id: str) -> None:
-        await self._update(task_id, {"status": PROCESSING, "error_message": None})
+        """Raises TaskNotUpdated (no such row, or a key without service_role), TaskStoreUnavailable (refused,
+        rejected, unreachable), TaskStoreTimeout. Concurrent calls share one PATCH; each gets its own row's answer."""
+        await self._processing(task_id)
+
+    async def _mark_rows_processing(self, task_ids: list[str]) -> dict[str, Exception | None]:
+        try:
+            updated = await self._update_rows(task_ids, {"status": PROCESSING, "error_message": None})
+        except _RowsRejected as rejected:
+            if len(task_ids) == 1:
+                return {task_ids[0]: rejected}
+            # PostgreSQL rejects the whole statement for one row it refuses (a constraint, a trigger): each row
+            # alone, so that each gets its own answer
+            alone = await asyncio.gather(
+                *(self._mark_rows_processing([task_id]) for task_id in task_ids), return_exceptions=True
+            )
+            return {
+                task_id: outcome if isinstance(outcome, Exception) else outcome[task_id]
+                for task_id, outcome in zip(task_ids, alone, strict=True)
+            }
+        return {task_id: None if task_id in updated else self._not_updated(task_id) for task_id in task_ids}
 
     async def mark_completed(self, task_id: str, result: TaskResult) -> None:
         values = {
@@ -126,7 +150,7 @@ class SupabaseTaskStore:
             return
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._patch(task_id, {"result": {"progress": progress}}, status=PROCESSING)
+                await self._patch([task_id], {"result": {"progress": progress}}, status=PROCESSING)
         except _MissingResultColumn:
             self._result_column = False
 
@@ -167,26 +191,34 @@ class SupabaseTaskStore:
         return [row["id"] for row in failed.data]
 
     async def _update(self, task_id: str, values: dict) -> None:
-        """PATCH the row (PostgREST, as supabase-py's `update().eq("id", ...)` sends it) and read back only its id."""
+        if task_id not in await self._update_rows([task_id], values):
+            raise self._not_updated(task_id)
+
+    async def _update_rows(self, task_ids: list[str], values: dict) -> set[str]:
+        """PATCH the rows (PostgREST, as supabase-py's `update().eq("id", ...)` / `.in_("id", ...)` sends it) and
+        read back only their ids: the ids of `task_ids` updated."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                updated = await self._patch(task_id, values)
+                updated = await self._patch(task_ids, values)
         except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
             raise TaskStoreTimeout("Supabase did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise TaskStoreUnavailable(f"Supabase could not be reached ({type(exc).__name__})") from None
-        if not updated:
-            # PostgREST answers 200 [] both for a missing row and for one that RLS hides from a weak key.
-            log.error("task %s: the UPDATE matched no row (missing row, or a key without service_role)", task_id)
-            raise TaskNotUpdated(
-                f"no row {self._table}[{task_id}] could be updated: it does not exist, "
-                "or SUPABASE_SERVICE_KEY is not the service_role key"
-            )
+        ids = {str(row["id"]).lower() for row in updated}  # PostgreSQL writes a uuid in lower case
+        return {task_id for task_id in task_ids if task_id.lower() in ids}
 
-    async def _patch(self, task_id: str, values: dict, status: str | None = None) -> list:
+    def _not_updated(self, task_id: str) -> TaskNotUpdated:
+        # PostgREST answers 200 [] both for a missing row and for one that RLS hides from a weak key.
+        log.error("task %s: the UPDATE matched no row (missing row, or a key without service_role)", task_id)
+        return TaskNotUpdated(
+            f"no row {self._table}[{task_id}] could be updated: it does not exist, "
+            "or SUPABASE_SERVICE_KEY is not the service_role key"
+        )
+
+    async def _patch(self, task_ids: list[str], values: dict, status: str | None = None) -> list:
         """status: only a row in this status is updated."""
         session = self._rows_session()
-        params = {"id": f"eq.{task_id}", "select": "id"}
+        params = {"id": _id_filter(task_ids), "select": "id"}
         if status is not None:
             params["status"] = f"eq.{status}"
         async with session.patch(
@@ -243,10 +275,22 @@ class _MissingResultColumn(Exception):
     pass
 
 
+class _RowsRejected(TaskStoreUnavailable):
+    """PostgreSQL (or PostgREST) refused the statement: a constraint, a trigger, a type."""
+
+
+def _id_filter(task_ids: list[str]) -> str:
+    """PostgREST's filter on the id column: `eq.ID` for one row, `in.("ID",...)` (values quoted) for several."""
+    if len(task_ids) == 1:
+        return f"eq.{task_ids[0]}"
+    quoted = ('"' + task_id.replace("\\", "\\\\").replace('"', '\\"') + '"' for task_id in task_ids)
+    return f"in.({','.join(quoted)})"
+
+
 def _rejected(code: str | None, message: str | None) -> Exception:
     """What an error answer from PostgREST (its `code` and `message`) means here."""
     if code == _MISSING_COLUMN and "result" in (message or ""):
         return _MissingResultColumn()
     if str(code) in _REFUSED_KEY:
         return TaskStoreUnavailable("Supabase refused the key: check SUPABASE_SERVICE_KEY")
-    return TaskStoreUnavailable(f"Supabase rejected the update ({code}: {message})")
+    return _RowsRejected(f"Supabase rejected the update ({code}: {message})")

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -266,6 +267,58 @@ def test_row_updates_answer_what_supabase_says(supabase):
     with pytest.raises(TaskStoreUnavailable, match=r"rejected the update \(22001: value too long"):
         asyncio.run(short.mark_failed(task_id, "inference_failed: a message longer than ten characters"))
     assert task_row(supabase, task_id)["status"] == "failed"
+
+
+def test_rows_marked_processing_together_share_a_patch_and_each_get_their_own_answer(supabase):
+    """Concurrent submissions mark their rows processing through fewer PATCHes than rows (the API gateway's access
+    log counts them), and each caller still gets its own row's answer: done, no such row, or the rejection
+    PostgreSQL gives that row alone (its constraint fails the shared statement; the rows are then sent one by one)."""
+    import psycopg
+
+    url, key = supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"]
+    rows = [str(uuid.uuid4()) for _ in range(30)]
+    locked, missing = rows[7], str(uuid.uuid4())
+    with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
+        db.execute(
+            "create table public.locked_results (id uuid primary key, status text, error_message text,"
+            " locked boolean not null default false, check (not (locked and status = 'processing')))"
+        )
+        for row in rows:
+            db.execute(
+                "insert into public.locked_results (id, status, locked) values (%s, 'pending', %s)",
+                (row, row == locked),
+            )
+        db.execute("notify pgrst, 'reload schema'")
+    time.sleep(1.0)
+    store = SupabaseTaskStore(url, key, table="locked_results")
+
+    def mark(task_ids: list[str]) -> list:
+        async def together():
+            return await asyncio.gather(
+                *(store.mark_processing(task_id) for task_id in task_ids), return_exceptions=True
+            )
+
+        return asyncio.run(together())
+
+    def patches() -> int:
+        log = Path(supabase["SUPABASE_ACCESS_LOG"]).read_text()
+        return sum("PATCH /rest/v1/locked_results" in line for line in log.splitlines())
+
+    before = patches()
+    unlocked = [row for row in rows if row != locked]
+    outcomes = mark([*unlocked[:15], missing, *unlocked[15:]])
+    assert patches() - before < 5
+    assert [type(outcome) for outcome in outcomes].count(type(None)) == 29
+    assert isinstance(outcomes[15], TaskNotUpdated) and missing in str(outcomes[15])
+
+    with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
+        db.execute("update public.locked_results set status = 'pending'")
+    outcomes = mark(rows)
+    assert isinstance(outcomes[7], TaskStoreUnavailable) and "23514" in str(outcomes[7])
+    assert [outcome for index, outcome in enumerate(outcomes) if index != 7] == [None] * 29
+    with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
+        statuses = dict(db.execute("select id::text, status from public.locked_results").fetchall())
+    assert statuses == {row: "pending" if row == locked else "processing" for row in rows}
 
 
 def test_a_supabase_that_never_answers_is_a_timeout():

@@ -1,0 +1,105 @@
+"""tasks/coalesce.py: concurrent calls share one request, and each caller gets its own key's answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tasks.coalesce import Coalescer
+
+
+class Rows:
+    """A send function over a set of existing rows that records each request's keys; `gate` holds a request open."""
+
+    def __init__(self, existing: set[str], fail_with: Exception | None = None) -> None:
+        self.existing = existing
+        self.fail_with = fail_with
+        self.requests: list[list[str]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def send(self, keys: list[str]) -> dict[str, Exception | None]:
+        self.requests.append(keys)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return {key: None if key in self.existing else LookupError(key) for key in keys}
+
+
+def test_calls_made_together_go_in_one_request_and_each_gets_its_own_answer():
+    rows = Rows({"a", "b", "c"})
+    coalescer = Coalescer(rows.send, max_keys=10)
+
+    async def main():
+        return await asyncio.gather(
+            *(coalescer(key) for key in ("a", "b", "missing", "c", "a")), return_exceptions=True
+        )
+
+    outcomes = asyncio.run(main())
+    assert rows.requests == [["a", "b", "missing", "c"]]  # one request, each key once
+    assert outcomes[:2] == [None, None] and outcomes[3:] == [None, None]
+    assert isinstance(outcomes[2], LookupError) and outcomes[2].args == ("missing",)
+
+
+def test_calls_made_while_a_request_is_in_flight_go_together_in_the_next():
+    rows = Rows({str(n) for n in range(25)})
+    coalescer = Coalescer(rows.send, max_keys=10)
+
+    async def main():
+        rows.gate = asyncio.Event()
+        first = asyncio.ensure_future(coalescer("0"))
+        await asyncio.sleep(0)  # its request is now in flight, held open
+        await asyncio.sleep(0)
+        later = [asyncio.ensure_future(coalescer(str(n))) for n in range(1, 25)]
+        await asyncio.sleep(0)
+        rows.gate.set()
+        await asyncio.gather(first, *later)
+
+    asyncio.run(main())
+    assert rows.requests[0] == ["0"]
+    assert [len(keys) for keys in rows.requests[1:]] == [10, 10, 4]  # at most max_keys per request, in order
+    assert [key for keys in rows.requests for key in keys] == [str(n) for n in range(25)]
+
+
+def test_a_failed_request_is_every_callers_failure_and_the_next_calls_are_sent_again():
+    rows = Rows({"a", "b"}, fail_with=TimeoutError("no answer"))
+    coalescer = Coalescer(rows.send, max_keys=10)
+
+    async def main():
+        failed = await asyncio.gather(coalescer("a"), coalescer("b"), return_exceptions=True)
+        rows.fail_with = None
+        await coalescer("a")
+        return failed
+
+    failed = asyncio.run(main())
+    assert [type(error) for error in failed] == [TimeoutError, TimeoutError]
+    assert rows.requests == [["a", "b"], ["a"]]
+
+
+def test_a_caller_that_goes_away_leaves_the_others_their_answers():
+    rows = Rows({"a", "b"})
+    coalescer = Coalescer(rows.send, max_keys=10)
+
+    async def main():
+        rows.gate = asyncio.Event()
+        leaving, staying = asyncio.ensure_future(coalescer("a")), asyncio.ensure_future(coalescer("b"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        leaving.cancel()
+        rows.gate.set()
+        await staying
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await coalescer("a")  # the coalescer still works
+
+    asyncio.run(main())
+    assert rows.requests == [["a", "b"], ["a"]]
+
+
+def test_one_coalescer_serves_one_event_loop_after_another():
+    rows = Rows({"a"})
+    coalescer = Coalescer(rows.send, max_keys=10)
+    asyncio.run(coalescer("a"))
+    asyncio.run(coalescer("a"))
+    assert rows.requests == [["a"], ["a"]]
