@@ -8,6 +8,7 @@ With "async": true the gateway answers 202 once the job is recorded, and its job
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -16,10 +17,11 @@ import sqlite3
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path as FilePath
+from typing import Annotated
 
 import bentoml
 import psutil
-from fastapi import Path, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -225,7 +227,7 @@ class Gateway:
                 row_progress_every_s=settings.video_progress_interval_s,
             ),
         )
-        self.jobs, self.runner = build_jobs(settings, Pipelines(self.pipeline, self.video), ready=self._model_ready)
+        self.jobs, self.runner = build_jobs(settings, Pipelines(self.pipeline, self.video), ready=self.model_ready)
 
     @bentoml.on_startup
     async def _start_jobs(self) -> None:
@@ -234,6 +236,10 @@ class Gateway:
         except (OSError, sqlite3.Error) as exc:  # JOB_STORE_PATH cannot be opened: say so and stop, never crash-loop
             _stop_the_server(RuntimeError(f"the job store JOB_STORE_PATH={settings.job_store_path} fails: {exc}"))
         self.runner.stop_claiming_on_signals()
+        # What this worker holds by now (the imports, ~530k objects) lives as long as it does: out of the cyclic
+        # collector's sight, a full collection no longer stops every request for 0.3-0.45 s (one such pause per
+        # ~1,000 async submissions on the 2-core dev box set the 202's p99; bench/async_submit.py).
+        gc.freeze()
 
     @bentoml.on_shutdown
     async def _stop_jobs(self) -> None:
@@ -241,116 +247,136 @@ class Gateway:
         await self.runner.stop()
         await self.pipeline.tasks.close()
 
-    # exclude_unset: an instance without `rle` (include_rle: false) answers without the key, not "rle": null
-    @api.post(
-        "/api/v1/predict",
-        response_model=PredictResponse,
-        response_model_exclude_unset=True,
-        responses=PREDICT_RESPONSES,
-        dependencies=KEYED,
-    )
-    async def predict(self, body: PredictRequest, request: Request):
-        if body.run_async:
-            return await self._submit("predict", body)
-        return await until_disconnected(request, self.pipeline.predict(body))
-
-    @api.post(
-        "/api/v1/predict/batch",
-        response_model=BatchPredictResponse,
-        response_model_exclude_unset=True,
-        responses=PREDICT_RESPONSES,
-        dependencies=KEYED,
-    )
-    async def predict_batch(self, body: BatchPredictRequest, request: Request):
-        if body.run_async:
-            return await self._submit("predict_batch", body)
-        return await until_disconnected(request, self.pipeline.predict_batch(body))
-
-    @api.post(
-        "/api/v1/predict/visual",
-        response_model=PredictResponse,
-        response_model_exclude_unset=True,
-        responses=VISUAL_RESPONSES,
-        dependencies=KEYED,
-    )
-    async def predict_visual(self, body: VisualPredictRequest, request: Request):
-        """One object: tap it (points), box it, or refine an earlier visual task (docs: concept or visual prompt)."""
-        if body.run_async:
-            return await self._submit("predict_visual", body)
-        return await until_disconnected(request, self.pipeline.predict_visual(body))
-
-    @api.post(
-        "/api/v1/predict/video",
-        response_model=JobAccepted,
-        status_code=202,
-        responses=VIDEO_RESPONSES,
-        dependencies=KEYED,
-    )
-    async def predict_video(self, body: VideoPredictRequest):
-        """Track every instance of 1-8 concepts (or one object from taps / a box) through a clip in the bucket.
-        Always async: 202 now; the result in the task status, the row and R2 (docs: Video)."""
-        try:
-            return await self._submit("predict_video", body)
-        except ApiError as error:
-            raise for_video(error) from None
-
-    async def _submit(self, kind: str, body: TaskOptions | VideoPredictRequest) -> JSONResponse:
+    async def submit(self, kind: str, body: TaskOptions | VideoPredictRequest) -> JSONResponse:
+        """An async task: 202 once its job is recorded (jobs/queue.py)."""
         job = await self.jobs.submit(kind, body)
         return JSONResponse(accepted_body(job), status_code=202)
 
-    @api.get("/api/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERRORS, dependencies=KEYED)
-    async def task_status(self, task_id: str = Path(description="The task_id an async request was sent with")):
-        try:
-            task_id = str(uuid.UUID(task_id))
-        except ValueError:
-            raise ApiError(422, "invalid_task_id", "task_id must be a UUID") from None
-        job = await self.jobs.store.get(task_id)
-        if job is None:
-            raise ApiError(404, "task_not_found", f"no async task {task_id} on this server (or it expired)")
-        return JSONResponse(status_body(job))
+    async def model_ready(self) -> bool:
+        return bool((await self.model_status()).get("model_loaded"))
 
-    @api.get("/api/v1/info", responses=ERRORS, dependencies=KEYED)
-    @api.post("/api/v1/info", responses=ERRORS, dependencies=KEYED)
-    async def info(self) -> dict:
-        status = await self._model_status()
-        if not status.get("model_loaded"):
-            code = "model_unavailable" if status.get("state") == "failed" else "model_loading"
-            raise ApiError(503, code, status.get("error") or "the model is still loading")
-        return {
-            **status["info"],
-            "max_batch_size": settings.max_batch_size,
-            "max_latency_ms": settings.max_latency_ms,
-            "gpu_available": status["gpu_available"],
-            "text_cache": status["text_cache"],
-            "image_cache": status["image_cache"],
-            "batching": status["batching"],
-            "video_clips": status["video"],
-            "acceleration": status["acceleration"],
-            "storage": self.pipeline.store.name,
-            "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",
-        }
-
-    @api.get("/health")
-    async def health(self) -> dict:
-        status = await self._model_status()
-        return {
-            "status": "ok" if status.get("model_loaded") else status.get("state", "unavailable"),
-            "model_loaded": bool(status.get("model_loaded")),
-            "gpu_available": bool(status.get("gpu_available")),
-            "storage": self.pipeline.store.name,
-            "task_store": "supabase" if self.pipeline.tasks.enabled else "disabled",
-            "auth": "api_key" if API_KEY else "disabled (dev mode)",
-        }
-
-    async def _model_ready(self) -> bool:
-        return bool((await self._model_status()).get("model_loaded"))
-
-    async def _model_status(self) -> dict:
+    async def model_status(self) -> dict:
         try:
             return await asyncio.wait_for(self.model.to_async.status(), MODEL_STATUS_TIMEOUT_S)
         except Exception as exc:  # the model service is down, restarting or not answering
             log.warning("model status unavailable: %s", type(exc).__name__)
             return {"state": "unavailable", "model_loaded": False, "gpu_available": False}
+
+
+async def _current_gateway() -> Gateway:
+    """The gateway instance of this worker, for the routes. A coroutine on purpose: FastAPI runs a plain-function
+    dependency on a worker thread for every request (BentoML's own injection of a route method's `self` is one),
+    a thread hop that was ~10 % of an async submission's CPU at 32 concurrent submitters (bench/async_submit.py)."""
+    return bentoml.get_current_service()
+
+
+CurrentGateway = Annotated[Gateway, Depends(_current_gateway)]
+
+
+# exclude_unset: an instance without `rle` (include_rle: false) answers without the key, not "rle": null
+@api.post(
+    "/api/v1/predict",
+    response_model=PredictResponse,
+    response_model_exclude_unset=True,
+    responses=PREDICT_RESPONSES,
+    dependencies=KEYED,
+)
+async def predict(body: PredictRequest, request: Request, gateway: CurrentGateway):
+    if body.run_async:
+        return await gateway.submit("predict", body)
+    return await until_disconnected(request, gateway.pipeline.predict(body))
+
+
+@api.post(
+    "/api/v1/predict/batch",
+    response_model=BatchPredictResponse,
+    response_model_exclude_unset=True,
+    responses=PREDICT_RESPONSES,
+    dependencies=KEYED,
+)
+async def predict_batch(body: BatchPredictRequest, request: Request, gateway: CurrentGateway):
+    if body.run_async:
+        return await gateway.submit("predict_batch", body)
+    return await until_disconnected(request, gateway.pipeline.predict_batch(body))
+
+
+@api.post(
+    "/api/v1/predict/visual",
+    response_model=PredictResponse,
+    response_model_exclude_unset=True,
+    responses=VISUAL_RESPONSES,
+    dependencies=KEYED,
+)
+async def predict_visual(body: VisualPredictRequest, request: Request, gateway: CurrentGateway):
+    """One object: tap it (points), box it, or refine an earlier visual task (docs: concept or visual prompt)."""
+    if body.run_async:
+        return await gateway.submit("predict_visual", body)
+    return await until_disconnected(request, gateway.pipeline.predict_visual(body))
+
+
+@api.post(
+    "/api/v1/predict/video",
+    response_model=JobAccepted,
+    status_code=202,
+    responses=VIDEO_RESPONSES,
+    dependencies=KEYED,
+)
+async def predict_video(body: VideoPredictRequest, gateway: CurrentGateway):
+    """Track every instance of 1-8 concepts (or one object from taps / a box) through a clip in the bucket.
+    Always async: 202 now; the result in the task status, the row and R2 (docs: Video)."""
+    try:
+        return await gateway.submit("predict_video", body)
+    except ApiError as error:
+        raise for_video(error) from None
+
+
+@api.get("/api/v1/tasks/{task_id}", response_model=TaskStatus, responses=ERRORS, dependencies=KEYED)
+async def task_status(
+    gateway: CurrentGateway, task_id: str = Path(description="The task_id an async request was sent with")
+):
+    try:
+        task_id = str(uuid.UUID(task_id))
+    except ValueError:
+        raise ApiError(422, "invalid_task_id", "task_id must be a UUID") from None
+    job = await gateway.jobs.store.get(task_id)
+    if job is None:
+        raise ApiError(404, "task_not_found", f"no async task {task_id} on this server (or it expired)")
+    return JSONResponse(status_body(job))
+
+
+@api.get("/api/v1/info", responses=ERRORS, dependencies=KEYED)
+@api.post("/api/v1/info", responses=ERRORS, dependencies=KEYED)
+async def info(gateway: CurrentGateway) -> dict:
+    status = await gateway.model_status()
+    if not status.get("model_loaded"):
+        code = "model_unavailable" if status.get("state") == "failed" else "model_loading"
+        raise ApiError(503, code, status.get("error") or "the model is still loading")
+    return {
+        **status["info"],
+        "max_batch_size": settings.max_batch_size,
+        "max_latency_ms": settings.max_latency_ms,
+        "gpu_available": status["gpu_available"],
+        "text_cache": status["text_cache"],
+        "image_cache": status["image_cache"],
+        "batching": status["batching"],
+        "video_clips": status["video"],
+        "acceleration": status["acceleration"],
+        "storage": gateway.pipeline.store.name,
+        "task_store": "supabase" if gateway.pipeline.tasks.enabled else "disabled",
+    }
+
+
+@api.get("/health")
+async def health(gateway: CurrentGateway) -> dict:
+    status = await gateway.model_status()
+    return {
+        "status": "ok" if status.get("model_loaded") else status.get("state", "unavailable"),
+        "model_loaded": bool(status.get("model_loaded")),
+        "gpu_available": bool(status.get("gpu_available")),
+        "storage": gateway.pipeline.store.name,
+        "task_store": "supabase" if gateway.pipeline.tasks.enabled else "disabled",
+        "auth": "api_key" if API_KEY else "disabled (dev mode)",
+    }
 
 
 def _refuse_open_dev_server() -> None:
