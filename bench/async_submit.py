@@ -1,6 +1,6 @@
 """How fast an async submission is answered: the 202's latency under 32 concurrent submitters, and the CPU it costs.
 
-    python bench/async_submit.py [--loads 0,40] [--jobs meanwhile|held] [--baseline REV] [--env KEY=VALUE]
+    python bench/async_submit.py [--loads 0,40] [--jobs meanwhile|held] [--baseline REV ...] [--env KEY=VALUE]
 
 A real `bentoml serve` (demo model) wired to the real local stand-ins (PostgreSQL + PostgREST + nginx for
 Supabase, SeaweedFS for R2), as the tests start them. Rows are created first, as the Edge would. Then, per load,
@@ -19,8 +19,9 @@ CPU per 202 is read from /proc for each process group over the measured phase (t
 own): what the gateway spends per submission, beside PostgREST, PostgreSQL, nginx, SeaweedFS and the clients.
 
 --baseline REV serves the code of git revision REV first (an export of it), then the working tree, on the same
-stand-ins: before and after in one run; --baseline-without PKG,... hides installed packages from the baseline's
-processes (packages REV did not require, e.g. uvloop,httptools, which uvicorn uses whenever it can import them).
+stand-ins: before and after in one run; repeat it to serve several revisions in turn (one lever each).
+--baseline-without PKG,... hides installed packages from the baselines' processes (packages REV did not require,
+e.g. uvloop,httptools, which uvicorn uses whenever it can import them).
 --repeat N measures each load N times on each tree (the box is shared: the spread shows).
 Writes bench/results/<date>-<machine>-async-submit[-...].json and .md.
 """
@@ -345,7 +346,12 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=1, help="each load this many times (the box is shared)")
     parser.add_argument("--jobs", choices=("meanwhile", "held"), default="meanwhile")
-    parser.add_argument("--baseline", help="a git revision to serve first, for before/after on the same stand-ins")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="a git revision to serve first, for before/after on the same stand-ins (repeat: each in turn)",
+    )
     parser.add_argument("--baseline-without", default="", help="comma-separated packages hidden from the baseline")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the served Bento")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
@@ -358,10 +364,10 @@ def main() -> None:
     settings = {"MAX_QUEUED_JOBS": "100000", **dict(item.split("=", 1) for item in args.env)}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     trees = [(f"working tree ({head.stdout.strip()}+)", ROOT, {})]
-    if args.baseline:
-        hidden = [package for package in args.baseline_without.split(",") if package]
-        name = f"baseline {args.baseline}" + (f" without {', '.join(hidden)}" if hidden else "")
-        trees.insert(0, (name, export(args.baseline, workdir / "baseline"), hiding(hidden, workdir / "hidden")))
+    hidden = [package for package in args.baseline_without.split(",") if package]
+    for index, revision in enumerate(args.baseline):
+        name = f"baseline {revision}" + (f" without {', '.join(hidden)}" if hidden else "")
+        trees.insert(index, (name, export(revision, workdir / f"baseline-{index}"), hiding(hidden, workdir / "hidden")))
     with running("s3_server.sh", workdir / "r2") as r2, running("supabase_stack.sh", workdir / "supabase") as supabase:
         s3_client(r2).put_object(Bucket=r2["R2_BUCKET"], Key=IMAGE_KEY, Body=synthetic_jpeg(640, 480, 1))
         env = {**r2_settings(r2), **supabase_settings(supabase), "API_SECRET_KEY": STACK_API_KEY, **settings}
