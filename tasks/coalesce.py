@@ -17,8 +17,11 @@ class Coalescer:
     """`await coalescer(key)` returns once `key`'s request is done, or raises that key's exception.
 
     send(keys) -> {key: None (done) | the exception for that key}, for distinct keys (at most `max_keys`); an
-    exception send raises is every key's. One request in flight at a time per event loop. A caller that is
-    cancelled stops waiting; its key may still be in the request under way.
+    exception send raises is every key's. One request in flight at a time per event loop.
+
+    A caller that is cancelled before its key was sent takes it back: it is not sent. One cancelled while its
+    key's request is in flight re-raises the cancellation only once that request has ended, so that what it does
+    next (e.g. mark the row failed) reaches the server after it, never before.
     """
 
     def __init__(self, send: Callable[[list[str]], Awaitable[Mapping[str, Exception | None]]], max_keys: int) -> None:
@@ -27,27 +30,41 @@ class Coalescer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: list[tuple[str, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._in_flight: asyncio.Future[None] | None = None  # done when the request under way has ended
 
     async def __call__(self, key: str) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (tests run several in turn): nothing of the old one is usable
-            self._loop, self._waiting, self._sender = loop, [], None
+            self._loop, self._waiting, self._sender, self._in_flight = loop, [], None, None
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((key, done))
         if self._sender is None:
             self._sender = loop.create_task(self._send_waiting())
-        await done
+        try:
+            await done
+        except asyncio.CancelledError:
+            waiting = [entry for entry in self._waiting if entry[1] is not done]
+            if len(waiting) < len(self._waiting):
+                self._waiting = waiting
+            elif self._in_flight is not None:
+                await asyncio.shield(self._in_flight)
+            raise
 
     async def _send_waiting(self) -> None:
+        loop = asyncio.get_running_loop()
         batch: list[tuple[str, asyncio.Future[None]]] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting[: self._max_keys], self._waiting[self._max_keys :]
                 keys = list(dict.fromkeys(key for key, _ in batch))
+                self._in_flight = in_flight = loop.create_future()
                 try:
                     outcomes = await self._send(keys)
                 except Exception as exc:
                     outcomes = dict.fromkeys(keys, exc)
+                finally:
+                    self._in_flight = None
+                    in_flight.set_result(None)
                 for key, done in batch:
                     if not done.done():
                         error = outcomes[key]

@@ -77,7 +77,29 @@ def test_a_failed_request_is_every_callers_failure_and_the_next_calls_are_sent_a
     assert rows.requests == [["a", "b"], ["a"]]
 
 
-def test_a_caller_that_goes_away_leaves_the_others_their_answers():
+def test_a_caller_that_goes_away_before_its_key_is_sent_takes_it_back():
+    rows = Rows({"a", "b", "c"})
+    coalescer = Coalescer(rows.send, max_keys=10)
+
+    async def main():
+        rows.gate = asyncio.Event()
+        first = asyncio.ensure_future(coalescer("a"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # "a" is in flight, held open
+        leaving, staying = asyncio.ensure_future(coalescer("b")), asyncio.ensure_future(coalescer("c"))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        rows.gate.set()
+        await asyncio.gather(first, staying)
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+
+    asyncio.run(main())
+    assert rows.requests == [["a"], ["c"]]  # "b" was never sent
+
+
+def test_a_caller_that_goes_away_while_its_request_is_in_flight_returns_once_it_ended():
+    """What the caller does next (the pipeline marks the row failed) must reach the server after that request."""
     rows = Rows({"a", "b"})
     coalescer = Coalescer(rows.send, max_keys=10)
 
@@ -85,8 +107,11 @@ def test_a_caller_that_goes_away_leaves_the_others_their_answers():
         rows.gate = asyncio.Event()
         leaving, staying = asyncio.ensure_future(coalescer("a")), asyncio.ensure_future(coalescer("b"))
         await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # both in flight, held open
         leaving.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not leaving.done()  # still waiting for the request it is part of
         rows.gate.set()
         await staying
         with pytest.raises(asyncio.CancelledError):
