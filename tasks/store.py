@@ -1,8 +1,8 @@
 """Task rows in Supabase, written with the service_role key. UPDATE only, never insert or delete.
 
 A row's UPDATE (every request and every async job, one of them before each 202) is a PATCH to PostgREST through
-aiohttp; the stale-row sweep (once a minute) goes through supabase-py. Rows marked processing at the same time
-share one PATCH (tasks/coalesce.py). Why not supabase-py for both: it sends with
+aiohttp; the stale-row sweep (once a minute) goes through supabase-py. Rows marked processing while several
+PATCHes are already under way share one PATCH (tasks/coalesce.py). Why not supabase-py for both: it sends with
 httpx, whose connection pool (httpcore) costs 0.9-1.6 ms of CPU per request at 32 concurrent requests on the
 2-core dev box, against ~0.45 ms for aiohttp, with the same answers (bench/row_update.py, `*-row-update.json`); under
 32 concurrent async submitters it was about half of the gateway's CPU per 202 (bench/NOTES.md).
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 PROCESSING, COMPLETED, FAILED = "processing", "completed", "failed"
 _MISSING_COLUMN = "PGRST204"
 _REFUSED_KEY = {"PGRST301", "PGRST302", "401", "42501"}
-# Rows one coalesced PATCH marks at most: its `id=in.(...)` filter stays ~2 KB, well inside any proxy's URL limit.
+# Rows marked processing (tasks/coalesce.py): one PATCH marks at most MAX_ROWS_PER_UPDATE (its `id=in.(...)` filter
+# stays ~2 KB, well inside any proxy's URL limit); the marks that arrive while MAX_UPDATES_IN_FLIGHT PATCHes are under
+# way go together in the next one.
 MAX_ROWS_PER_UPDATE = 50
+MAX_UPDATES_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,12 @@ class SupabaseTaskStore:
         self._session: aiohttp.ClientSession | None = None  # the row updates' connections...
         self._session_loop: asyncio.AbstractEventLoop | None = None  # ...on this event loop
         self._result_column = True  # dropped after the table says it has none
-        self._processing = Coalescer(self._mark_rows_processing, MAX_ROWS_PER_UPDATE)
+        self._processing = Coalescer(self._mark_rows_processing, MAX_ROWS_PER_UPDATE, MAX_UPDATES_IN_FLIGHT)
 
     async def mark_processing(self, task_id: str) -> None:
         """Raises TaskNotUpdated (no such row, or a key without service_role), TaskStoreUnavailable (refused,
-        rejected, unreachable), TaskStoreTimeout. Concurrent calls share one PATCH; each gets its own row's answer."""
+        rejected, unreachable), TaskStoreTimeout. Under load concurrent calls share a PATCH; each gets its own row's
+        answer."""
         await self._processing(task_id)
 
     async def _mark_rows_processing(self, task_ids: list[str]) -> dict[str, Exception | None]:

@@ -27,9 +27,10 @@ class Rows:
         return {key: None if key in self.existing else LookupError(key) for key in keys}
 
 
-def test_calls_made_together_go_in_one_request_and_each_gets_its_own_answer():
+@pytest.mark.parametrize("max_in_flight", [1, 4])
+def test_calls_made_together_go_in_one_request_and_each_gets_its_own_answer(max_in_flight):
     rows = Rows({"a", "b", "c"})
-    coalescer = Coalescer(rows.send, max_keys=10)
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=max_in_flight)
 
     async def main():
         return await asyncio.gather(
@@ -44,7 +45,7 @@ def test_calls_made_together_go_in_one_request_and_each_gets_its_own_answer():
 
 def test_calls_made_while_a_request_is_in_flight_go_together_in_the_next():
     rows = Rows({str(n) for n in range(25)})
-    coalescer = Coalescer(rows.send, max_keys=10)
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=1)
 
     async def main():
         rows.gate = asyncio.Event()
@@ -62,9 +63,27 @@ def test_calls_made_while_a_request_is_in_flight_go_together_in_the_next():
     assert [key for keys in rows.requests for key in keys] == [str(n) for n in range(25)]
 
 
+def test_calls_are_sent_at_once_while_fewer_than_max_in_flight_requests_are_under_way():
+    rows = Rows({str(n) for n in range(6)})
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=2)
+
+    async def main():
+        rows.gate = asyncio.Event()
+        calls = []
+        for n in range(6):  # one at a time, each once the previous one's request is under way
+            calls.append(asyncio.ensure_future(coalescer(str(n))))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        rows.gate.set()
+        await asyncio.gather(*calls)
+
+    asyncio.run(main())
+    assert rows.requests == [["0"], ["1"], ["2", "3", "4", "5"]]  # two alone at once, the rest together after
+
+
 def test_a_failed_request_is_every_callers_failure_and_the_next_calls_are_sent_again():
     rows = Rows({"a", "b"}, fail_with=TimeoutError("no answer"))
-    coalescer = Coalescer(rows.send, max_keys=10)
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=1)
 
     async def main():
         failed = await asyncio.gather(coalescer("a"), coalescer("b"), return_exceptions=True)
@@ -79,7 +98,7 @@ def test_a_failed_request_is_every_callers_failure_and_the_next_calls_are_sent_a
 
 def test_a_caller_that_goes_away_before_its_key_is_sent_takes_it_back():
     rows = Rows({"a", "b", "c"})
-    coalescer = Coalescer(rows.send, max_keys=10)
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=1)
 
     async def main():
         rows.gate = asyncio.Event()
@@ -101,7 +120,7 @@ def test_a_caller_that_goes_away_before_its_key_is_sent_takes_it_back():
 def test_a_caller_that_goes_away_while_its_request_is_in_flight_returns_once_it_ended():
     """What the caller does next (the pipeline marks the row failed) must reach the server after that request."""
     rows = Rows({"a", "b"})
-    coalescer = Coalescer(rows.send, max_keys=10)
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=1)
 
     async def main():
         rows.gate = asyncio.Event()
@@ -124,7 +143,7 @@ def test_a_caller_that_goes_away_while_its_request_is_in_flight_returns_once_it_
 
 def test_one_coalescer_serves_one_event_loop_after_another():
     rows = Rows({"a"})
-    coalescer = Coalescer(rows.send, max_keys=10)
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=1)
     asyncio.run(coalescer("a"))
     asyncio.run(coalescer("a"))
     assert rows.requests == [["a"], ["a"]]
