@@ -15,7 +15,7 @@ import os
 import signal
 import sqlite3
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path as FilePath
 from typing import Annotated
 
@@ -247,6 +247,12 @@ class Gateway:
         await self.runner.stop()
         await self.pipeline.tasks.close()
 
+    async def answer(self, kind: str, body: TaskOptions, request: Request, run: Callable[[TaskOptions], Awaitable]):
+        """An image task: with "async": true its 202, else `run`'s answer (stopped if the client goes away)."""
+        if body.run_async:
+            return await self.submit(kind, body)
+        return await until_disconnected(request, run(body))
+
     async def submit(self, kind: str, body: TaskOptions | VideoPredictRequest) -> JSONResponse:
         """An async task: 202 once its job is recorded (jobs/queue.py)."""
         job = await self.jobs.submit(kind, body)
@@ -282,9 +288,7 @@ CurrentGateway = Annotated[Gateway, Depends(_current_gateway)]
     dependencies=KEYED,
 )
 async def predict(body: PredictRequest, request: Request, gateway: CurrentGateway):
-    if body.run_async:
-        return await gateway.submit("predict", body)
-    return await until_disconnected(request, gateway.pipeline.predict(body))
+    return await gateway.answer("predict", body, request, gateway.pipeline.predict)
 
 
 @api.post(
@@ -295,9 +299,7 @@ async def predict(body: PredictRequest, request: Request, gateway: CurrentGatewa
     dependencies=KEYED,
 )
 async def predict_batch(body: BatchPredictRequest, request: Request, gateway: CurrentGateway):
-    if body.run_async:
-        return await gateway.submit("predict_batch", body)
-    return await until_disconnected(request, gateway.pipeline.predict_batch(body))
+    return await gateway.answer("predict_batch", body, request, gateway.pipeline.predict_batch)
 
 
 @api.post(
@@ -309,9 +311,7 @@ async def predict_batch(body: BatchPredictRequest, request: Request, gateway: Cu
 )
 async def predict_visual(body: VisualPredictRequest, request: Request, gateway: CurrentGateway):
     """One object: tap it (points), box it, or refine an earlier visual task (docs: concept or visual prompt)."""
-    if body.run_async:
-        return await gateway.submit("predict_visual", body)
-    return await until_disconnected(request, gateway.pipeline.predict_visual(body))
+    return await gateway.answer("predict_visual", body, request, gateway.pipeline.predict_visual)
 
 
 @api.post(
