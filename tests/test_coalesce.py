@@ -147,3 +147,34 @@ def test_one_coalescer_serves_one_event_loop_after_another():
     asyncio.run(coalescer("a"))
     asyncio.run(coalescer("a"))
     assert rows.requests == [["a"], ["a"]]
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 4])
+def test_a_call_made_as_the_last_requests_end_is_still_sent(max_in_flight):
+    """A call made in the loop iteration in which every request under way ends (their answers came in together)
+    must still be sent, not left waiting for a later call that may never come."""
+    rows = Rows({*(f"first{n}" for n in range(max_in_flight)), "late"})
+    coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=max_in_flight)
+
+    async def main():
+        rows.gate = asyncio.Event()
+        firsts = []
+        for n in range(max_in_flight):  # max_in_flight requests under way, held open
+            firsts.append(asyncio.ensure_future(coalescer(f"first{n}")))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        late = []
+
+        def answers_come_in_and_another_row_is_marked():
+            rows.gate.set()
+            late.append(asyncio.ensure_future(coalescer("late")))
+
+        asyncio.get_running_loop().call_soon(answers_come_in_and_another_row_is_marked)
+        await asyncio.gather(*firsts)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        sent = rows.requests[max_in_flight:]
+        late[0].cancel()
+        return sent
+
+    assert asyncio.run(main()) == [["late"]]
