@@ -46,11 +46,7 @@ class Coalescer:
             self._loop, self._waiting, self._senders, self._starting, self._request_of = loop, [], set(), False, {}
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((key, done))
-        if not self._starting and len(self._senders) < self._max_in_flight:
-            self._starting = True
-            sender = loop.create_task(self._send_waiting())
-            self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
+        self._start_sender(loop)
         try:
             await done
         except asyncio.CancelledError:
@@ -61,6 +57,12 @@ class Coalescer:
                 await asyncio.shield(request)
             raise
 
+    def _start_sender(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Another sender, if keys wait, none is about to take them and fewer than max_in_flight are under way."""
+        if self._waiting and not self._starting and len(self._senders) < self._max_in_flight:
+            self._starting = True
+            self._senders.add(loop.create_task(self._send_waiting()))
+
     async def _send_waiting(self) -> None:
         """One sender: the keys waiting (at most max_keys) in one request, again while any wait."""
         loop = asyncio.get_running_loop()
@@ -69,6 +71,7 @@ class Coalescer:
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting[: self._max_keys], self._waiting[self._max_keys :]
+                self._start_sender(loop)  # more than max_keys waited: the rest goes beside this request
                 keys = list(dict.fromkeys(key for key, _ in batch))
                 request = loop.create_future()
                 self._request_of.update((done, request) for _, done in batch)
@@ -88,9 +91,11 @@ class Coalescer:
                         else:
                             done.set_exception(error)
         finally:
+            # at once, not in a done-callback: a call made later in this loop iteration must see the free slot
+            self._senders.discard(asyncio.current_task())
             for _, done in batch:  # only when this task itself was cancelled (the loop is closing)
                 done.cancel()
-            if len(self._senders) <= 1:  # the last sender: nobody else will send what still waits
+            if not self._senders:  # the last sender: nobody else will send what still waits
                 for _, done in self._waiting:
                     done.cancel()
                 self._waiting = []

@@ -107,7 +107,11 @@ class SupabaseTaskStore:
         """Raises TaskNotUpdated (no such row, or a key without service_role), TaskStoreUnavailable (refused,
         rejected, unreachable), TaskStoreTimeout. Under load concurrent calls share a PATCH; each gets its own row's
         answer."""
-        await self._processing(task_id)
+        try:  # the wait for a PATCH slot counts: a burst behind PATCHes that time out fails in time too
+            async with asyncio.timeout(self._timeout_s):
+                await self._processing(task_id)
+        except TimeoutError:
+            raise TaskStoreTimeout("Supabase did not answer in time") from None
 
     async def _mark_rows_processing(self, task_ids: list[str]) -> dict[str, Exception | None]:
         try:
@@ -116,10 +120,14 @@ class SupabaseTaskStore:
             if len(task_ids) == 1:
                 return {task_ids[0]: rejected}
             # PostgreSQL rejects the whole statement for one row it refuses (a constraint, a trigger): each row
-            # alone, so that each gets its own answer
-            alone = await asyncio.gather(
-                *(self._mark_rows_processing([task_id]) for task_id in task_ids), return_exceptions=True
-            )
+            # alone (MAX_UPDATES_IN_FLIGHT at a time), so that each gets its own answer
+            slots = asyncio.Semaphore(MAX_UPDATES_IN_FLIGHT)
+
+            async def one_row(task_id: str) -> dict[str, Exception | None]:
+                async with slots:
+                    return await self._mark_rows_processing([task_id])
+
+            alone = await asyncio.gather(*(one_row(task_id) for task_id in task_ids), return_exceptions=True)
             return {
                 task_id: outcome if isinstance(outcome, Exception) else outcome[task_id]
                 for task_id, outcome in zip(task_ids, alone, strict=True)
@@ -239,7 +247,10 @@ class SupabaseTaskStore:
         except ValueError:
             error = None
         if isinstance(error, dict):  # PostgREST's error object (or the API gateway's {"message"})
-            raise _rejected(error.get("code"), error.get("message"))
+            # a 4xx of PostgREST's is about the statement (a constraint, a trigger, a type); a 5xx, 408 or 429
+            # about the service (e.g. the API gateway's 502 while PostgREST restarts)
+            about_rows = response.status < 500 and response.status not in (408, 429)
+            raise _rejected(error.get("code"), error.get("message"), about_rows)
         # anything else, e.g. a proxy's error page: the status instead, as postgrest-py does
         raise _rejected(str(response.status), response.reason or f"Request failed with status {response.status}")
 
@@ -291,10 +302,12 @@ def _id_filter(task_ids: list[str]) -> str:
     return f"in.({','.join(quoted)})"
 
 
-def _rejected(code: str | None, message: str | None) -> Exception:
-    """What an error answer from PostgREST (its `code` and `message`) means here."""
+def _rejected(code: str | None, message: str | None, about_rows: bool = False) -> Exception:
+    """What an error answer from PostgREST (its `code` and `message`) means here. about_rows: the statement was
+    refused for the rows it touches (sent again row by row when it touched several), not for the service."""
     if code == _MISSING_COLUMN and "result" in (message or ""):
         return _MissingResultColumn()
     if str(code) in _REFUSED_KEY:
         return TaskStoreUnavailable("Supabase refused the key: check SUPABASE_SERVICE_KEY")
-    return _RowsRejected(f"Supabase rejected the update ({code}: {message})")
+    rejected = _RowsRejected if about_rows else TaskStoreUnavailable
+    return rejected(f"Supabase rejected the update ({code}: {message})")

@@ -81,6 +81,29 @@ def test_calls_are_sent_at_once_while_fewer_than_max_in_flight_requests_are_unde
     assert rows.requests == [["0"], ["1"], ["2", "3", "4", "5"]]  # two alone at once, the rest together after
 
 
+def test_a_burst_larger_than_max_keys_goes_out_in_parallel_requests():
+    """200 calls made at once: 4 requests of 50 under way together, not one after the other."""
+    under_way, most = 0, 0
+    sent: list[int] = []
+
+    async def slow_send(keys: list[str]) -> dict[str, Exception | None]:
+        nonlocal under_way, most
+        under_way += 1
+        most = max(most, under_way)
+        await asyncio.sleep(0.05)
+        under_way -= 1
+        sent.append(len(keys))
+        return dict.fromkeys(keys)
+
+    coalescer = Coalescer(slow_send, max_keys=50, max_in_flight=4)
+
+    async def main():
+        await asyncio.gather(*(coalescer(str(n)) for n in range(200)))
+
+    asyncio.run(main())
+    assert sent == [50, 50, 50, 50] and most == 4
+
+
 def test_a_failed_request_is_every_callers_failure_and_the_next_calls_are_sent_again():
     rows = Rows({"a", "b"}, fail_with=TimeoutError("no answer"))
     coalescer = Coalescer(rows.send, max_keys=10, max_in_flight=1)

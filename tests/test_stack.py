@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import socket
 import threading
 import time
@@ -319,6 +321,25 @@ def test_rows_marked_processing_together_share_a_patch_and_each_get_their_own_an
     with psycopg.connect(supabase["SUPABASE_DB_URL"], autocommit=True) as db:
         statuses = dict(db.execute("select id::text, status from public.locked_results").fetchall())
     assert statuses == {row: "pending" if row == locked else "processing" for row in rows}
+
+
+def test_rows_marked_while_postgrest_is_down_fail_without_a_storm_of_retries(tmp_path):
+    """The API gateway answers 502 while PostgREST is down: every mark gets Supabase's unavailability, and a shared
+    PATCH is not sent again row by row (that is for PostgreSQL refusing a row, not for a service that is down)."""
+    with running("supabase_stack.sh", tmp_path / "supabase") as supabase:
+        rows = [new_task_row(supabase)[0] for _ in range(12)]
+        os.kill(int((tmp_path / "supabase" / "postgrest.pid").read_text()), signal.SIGKILL)
+        time.sleep(0.5)
+        store = SupabaseTaskStore(supabase["SUPABASE_URL"], supabase["SUPABASE_SERVICE_ROLE_KEY"])
+
+        async def together():
+            return await asyncio.gather(*(store.mark_processing(row) for row in rows), return_exceptions=True)
+
+        outcomes = asyncio.run(together())
+        log = Path(supabase["SUPABASE_ACCESS_LOG"]).read_text()
+    assert all(isinstance(outcome, TaskStoreUnavailable) for outcome in outcomes), outcomes
+    assert all("502" in str(outcome) for outcome in outcomes)
+    assert sum("PATCH /rest/v1/segmentation_results" in line for line in log.splitlines()) < len(rows)
 
 
 def test_a_supabase_that_never_answers_is_a_timeout():
