@@ -42,6 +42,7 @@ from backend.api_models import (
     VisualPredictRequest,
 )
 from backend.auth import API_KEY_SCHEME, DOCS_ASSETS_PREFIX, ApiKeyMiddleware
+from backend.concurrency import ConcurrencyLimit
 from backend.disconnect import until_disconnected
 from backend.errors import ApiError, error_response, for_video, validation_error_code
 from backend.model_client import ModelClient
@@ -68,7 +69,8 @@ PREDICT_RESPONSES = {
     202: {"model": JobAccepted, "description": 'Accepted ("async": true): the job is recorded and runs'},
     429: {
         "model": ErrorResponse,
-        "description": "queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full",
+        "description": "queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full; "
+        "too_many_requests: MAX_CONCURRENCY requests are in flight",
         "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
     },
 }
@@ -180,7 +182,7 @@ class Sam3Model:
 @bentoml.service(
     name="sam3-gateway",
     workers=settings.gateway_workers,
-    traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_concurrency},
+    traffic={"timeout": settings.request_timeout_s},  # MAX_CONCURRENCY: backend/concurrency.py
     http={
         "cors": {
             "enabled": bool(settings.cors_origins),
@@ -414,5 +416,6 @@ async def _unknown_route(request: Request, path: str):
     raise ApiError(404, "not_found", f"no route /{path}")
 
 
+Gateway.add_asgi_middleware(ConcurrencyLimit, max_concurrency=settings.max_concurrency)
 Gateway.add_asgi_middleware(ApiKeyMiddleware, api_key=API_KEY)
 Gateway.add_asgi_middleware(ControlCharacterPaths)

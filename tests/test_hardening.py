@@ -368,3 +368,37 @@ def test_health_answers_while_the_model_worker_does_not(tmp_path):
         assert httpx.get(f"{bento.url}/health", timeout=30).json()["status"] == "ok"
     finally:
         bento.stop()
+
+
+def test_a_request_past_max_concurrency_is_429_in_the_error_shape(tmp_path):
+    """MAX_CONCURRENCY requests in flight: one more is answered at once with the contract's error shape and
+    Retry-After (BentoML's own limit answered {"error": "Too many requests"}); health probes still answer."""
+    bento = ServedBento({"MAX_CONCURRENCY": "2"}, tmp_path / "serve.log").start()
+    unknown_task = f"{bento.url}/api/v1/tasks/{uuid.uuid4()}"
+    try:
+        [model_pid] = bento.worker_pids("sam3-model")
+        os.kill(model_pid, signal.SIGSTOP)  # /api/v1/info now waits MODEL_STATUS_TIMEOUT_S (5 s) for the model
+        try:
+            holding = [
+                threading.Thread(target=httpx.get, args=(f"{bento.url}/api/v1/info",), kwargs={"timeout": 30})
+                for _ in range(2)
+            ]
+            for thread in holding:
+                thread.start()
+            for _ in range(40):  # until both hold their slot
+                refused = httpx.get(unknown_task, timeout=10)
+                if refused.status_code == 429:
+                    break
+                time.sleep(0.1)
+            health = httpx.get(f"{bento.url}/health", timeout=30)
+            for thread in holding:
+                thread.join()
+        finally:
+            os.kill(model_pid, signal.SIGCONT)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "too_many_requests"
+        assert "MAX_CONCURRENCY" in refused.json()["error"]["message"]
+        assert health.status_code == 200
+        assert httpx.get(unknown_task, timeout=10).json()["error"]["code"] == "task_not_found"  # the slots are free
+    finally:
+        bento.stop()

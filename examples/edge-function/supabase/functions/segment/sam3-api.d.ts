@@ -971,7 +971,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full; too_many_requests: MAX_CONCURRENCY requests are in flight */
             429: {
                 headers: {
                     /** @description seconds to wait */
@@ -1087,7 +1087,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full; too_many_requests: MAX_CONCURRENCY requests are in flight */
             429: {
                 headers: {
                     /** @description seconds to wait */
@@ -1203,7 +1203,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full; too_many_requests: MAX_CONCURRENCY requests are in flight */
             429: {
                 headers: {
                     /** @description seconds to wait */
@@ -1319,7 +1319,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full */
+            /** @description queue_full: MAX_QUEUED_JOBS async jobs are waiting; model_busy: the model's queue is full; too_many_requests: MAX_CONCURRENCY requests are in flight */
             429: {
                 headers: {
                     /** @description seconds to wait */

@@ -1,0 +1,51 @@
+"""At most MAX_CONCURRENCY requests in one gateway worker at once; one more is answered `429 too_many_requests`
+in the contract's error shape, with Retry-After, before anything is read or written (the row untouched).
+
+BentoML's own `traffic.max_concurrency` would answer `{"error": "Too many requests"}` (not the contract's shape), so
+the gateway leaves it unset and limits here. Probes and metrics are never refused (as BentoML's limit skips them).
+"""
+
+from __future__ import annotations
+
+import json
+
+EXEMPT_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
+RETRY_AFTER_S = 1
+
+
+class ConcurrencyLimit:
+    """Plain ASGI, outermost of the gateway's own middlewares: an overloaded worker refuses before checking keys."""
+
+    def __init__(self, app, max_concurrency: int) -> None:
+        self.app = app
+        self._max = max_concurrency
+        self._running = 0
+        self._refusal = json.dumps(
+            {
+                "error": {
+                    "code": "too_many_requests",
+                    "message": f"this server already handles {max_concurrency} requests (MAX_CONCURRENCY); "
+                    f"retry in {RETRY_AFTER_S} s",
+                }
+            }
+        ).encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._running >= self._max:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 429,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": self._refusal})
+            return
+        self._running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._running -= 1
