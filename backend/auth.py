@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hmac
-import json
 
 from fastapi.security import APIKeyHeader
+
+from backend.errors import error_response
 
 OPEN_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
 # The documentation is public (GET/HEAD only), so a browser can open Swagger UI and send the key through its
@@ -17,9 +18,6 @@ DOCS_ASSETS_PREFIX = "/api/v1/docs/assets"
 API_KEY_SCHEME = APIKeyHeader(
     name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="The API_SECRET_KEY the Edge function sends"
 )
-_UNAUTHORIZED = json.dumps(
-    {"error": {"code": "unauthorized", "message": "missing or invalid X-API-Key header"}}
-).encode()
 
 
 class ApiKeyMiddleware:
@@ -33,14 +31,10 @@ class ApiKeyMiddleware:
         if self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"X-API-Key")],
-            }
+        refusal = error_response(
+            401, "unauthorized", "missing or invalid X-API-Key header", {"WWW-Authenticate": "X-API-Key"}
         )
-        await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+        await refusal(scope, receive, send)
 
     def _allowed(self, scope) -> bool:
         if self._key is None or scope["type"] != "http":

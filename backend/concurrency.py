@@ -7,7 +7,7 @@ the gateway leaves it unset and limits here. Probes and metrics are never refuse
 
 from __future__ import annotations
 
-import json
+from backend.errors import error_response
 
 EXEMPT_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
 RETRY_AFTER_S = 1
@@ -20,29 +20,17 @@ class ConcurrencyLimit:
         self.app = app
         self._max = max_concurrency
         self._running = 0
-        self._refusal = json.dumps(
-            {
-                "error": {
-                    "code": "too_many_requests",
-                    "message": f"this server already handles {max_concurrency} requests (MAX_CONCURRENCY); "
-                    f"retry in {RETRY_AFTER_S} s",
-                }
-            }
-        ).encode()
+        self._message = (
+            f"this server already handles {max_concurrency} requests (MAX_CONCURRENCY); retry in {RETRY_AFTER_S} s"
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
         if self._running >= self._max:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 429,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": self._refusal})
+            refusal = error_response(429, "too_many_requests", self._message, {"Retry-After": str(RETRY_AFTER_S)})
+            await refusal(scope, receive, send)
             return
         self._running += 1
         try:

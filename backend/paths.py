@@ -7,11 +7,11 @@ even the catch-all that answers unknown routes with the error shape: the router 
 
 from __future__ import annotations
 
-import json
 import re
 
+from backend.errors import error_response
+
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-_NOT_FOUND = json.dumps({"error": {"code": "not_found", "message": "no such route"}}).encode()
 
 
 class ControlCharacterPaths:
@@ -24,5 +24,4 @@ class ControlCharacterPaths:
         if scope["type"] != "http" or not _CONTROL_CHARACTERS.search(scope["path"]):
             await self.app(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": _NOT_FOUND})
+        await error_response(404, "not_found", "no such route")(scope, receive, send)
