@@ -375,30 +375,34 @@ def test_a_request_past_max_concurrency_is_429_in_the_error_shape(tmp_path):
     Retry-After (BentoML's own limit answered {"error": "Too many requests"}); health probes still answer."""
     bento = ServedBento({"MAX_CONCURRENCY": "2"}, tmp_path / "serve.log").start()
     unknown_task = f"{bento.url}/api/v1/tasks/{uuid.uuid4()}"
+    head = (
+        b"POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{"
+    )
     try:
-        [model_pid] = bento.worker_pids("sam3-model")
-        os.kill(model_pid, signal.SIGSTOP)  # /api/v1/info now waits MODEL_STATUS_TIMEOUT_S (5 s) for the model
+        # two requests whose body never ends: each holds its slot until its connection closes, however slow the box
+        holding = [socket.create_connection(("127.0.0.1", bento.port), timeout=30) for _ in range(2)]
         try:
-            holding = [
-                threading.Thread(target=httpx.get, args=(f"{bento.url}/api/v1/info",), kwargs={"timeout": 30})
-                for _ in range(2)
-            ]
-            for thread in holding:
-                thread.start()
-            for _ in range(40):  # until both hold their slot
+            for connection in holding:
+                connection.sendall(head)
+            for _ in range(100):  # until the gateway has both
                 refused = httpx.get(unknown_task, timeout=10)
                 if refused.status_code == 429:
                     break
                 time.sleep(0.1)
             health = httpx.get(f"{bento.url}/health", timeout=30)
-            for thread in holding:
-                thread.join()
         finally:
-            os.kill(model_pid, signal.SIGCONT)
+            for connection in holding:
+                connection.close()
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "too_many_requests"
         assert "MAX_CONCURRENCY" in refused.json()["error"]["message"]
         assert health.status_code == 200
-        assert httpx.get(unknown_task, timeout=10).json()["error"]["code"] == "task_not_found"  # the slots are free
+        for _ in range(100):  # the closed connections give their slots back
+            freed = httpx.get(unknown_task, timeout=10)
+            if freed.status_code != 429:
+                break
+            time.sleep(0.1)
+        assert freed.json()["error"]["code"] == "task_not_found"
     finally:
         bento.stop()
