@@ -48,7 +48,6 @@ from backend.errors import ApiError, error_response, for_video, validation_error
 from backend.model_client import ModelClient
 from backend.paths import ControlCharacterPaths
 from backend.pipeline import Limits, PredictPipeline
-from backend.segmenter import Segmenter
 from backend.settings import get_settings
 from backend.video_pipeline import VideoPipeline, VideoSettings
 from backend.wiring import build_jobs, build_store, build_task_store, check_auth, check_exposure, listening_hosts
@@ -136,6 +135,10 @@ class Sam3Model:
     """Owns the GPU. Loads SAM 3 in the background: /livez answers at once, /readyz says 503 until loaded."""
 
     def __init__(self) -> None:
+        # imported here, in the model service's processes only: it brings torch and transformers (~700 MB, ~3 s),
+        # which the gateway's workers never load (sam3_runner's package docstring)
+        from backend.segmenter import Segmenter
+
         self.segmenter = Segmenter(settings, worker_index=bentoml.server_context.worker_index or 1)
 
     def __is_ready__(self) -> bool:

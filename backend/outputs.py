@@ -96,8 +96,9 @@ class OutputMaker:
         return TaskOutputs(polygons=_per_prompt(rendered.polygons, results), urls=urls, render_ms=render_ms)
 
     def _pixels(self, image: bytes) -> np.ndarray:
-        """The image as the model saw it (RGB, EXIF orientation applied): the model service decoded the same bytes."""
-        return np.asarray(decode_image(image, self.max_image_pixels).pixels)
+        """The image as the model saw it (RGB, EXIF orientation applied): the model service decoded the same bytes.
+        Pillow decodes here (device None): the same pixels as the model's decoder, and no torch in the gateway."""
+        return np.asarray(decode_image(image, self.max_image_pixels, device=None).pixels)
 
     async def _put(self, key: str, data: bytes, output: str) -> StoredObject:
         return await self.guard(asyncio.to_thread(self.store.put_object, key, data, FILE_OUTPUTS[output].content_type))

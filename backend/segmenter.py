@@ -16,18 +16,16 @@ from pathlib import Path
 import torch
 
 from backend.cancellation import CANCELLED, MESSAGES, TIMED_OUT, CancelledRequests, Leases, abandoned
+from backend.prompt_bounds import box_error, visual_error
 from backend.protocol import failure, item_prompts, item_visual, success
 from backend.settings import Settings
 from backend.video_worker import track_clip
 from sam3_runner import (
     Abandoned,
-    BoxPrompt,
     ImageDecodeError,
     ImageTooLarge,
     Job,
-    Prompt,
     Sam3Engine,
-    VisualPrompt,
     WeightsError,
     decode_image,
     decode_threads,
@@ -38,9 +36,6 @@ from sam3_runner.image_cache import ImageCache
 from sam3_runner.loading import check_weights_reference
 
 log = logging.getLogger(__name__)
-
-# A box may end at most this many image widths (heights) from the image's left (top) edge: see _box_error.
-MAX_BOX_OVERHANG = 10
 
 CLOCK_MARGIN_S = 10  # a cancel is remembered this much past MODEL_TIMEOUT_S, for clocks a little apart
 
@@ -300,7 +295,7 @@ def _prepare(
             decode_ms, pixels, width, height = 0.0, None, encoded.width, encoded.height
         prompts = item_prompts(item)
         visual = item_visual(item)
-        error = _box_error(prompts, width, height) if visual is None else visual_error(visual, width, height)
+        error = box_error(prompts, width, height) if visual is None else visual_error(visual, width, height)
     except ImageTooLarge as exc:
         return None, 0.0, failure("image_too_large", str(exc))
     except ImageDecodeError as exc:
@@ -326,44 +321,3 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     """A cached image was decoded under its own request's limit: this request's limit still applies."""
     if width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-
-
-def _box_error(prompts: list[Prompt], width: int, height: int) -> dict | None:
-    """Each box must overlap the image: it may run past the right or bottom edge (the model gets it as drawn, like
-    Meta's reference), but must start inside it (x1, y1 >= 0 and x2 > x1, y2 > y1 are checked at the edge), and
-    may end at most MAX_BOX_OVERHANG image widths (heights) from the left (top) edge: box pooling (torchvision's
-    roi_align) sizes its sampling grid from the box, so a box far larger than the image costs seconds and, at
-    extreme sizes, crashes the worker (seen on the CPU: x2 = y2 = 1e11 on a 640x480 image; at full size one
-    pooling call took 0.15 s at 10x the image, 6.4 s at 60x)."""
-    for prompt_index, prompt in enumerate(prompts):
-        for index, box in enumerate(prompt.boxes):
-            name = f"prompt {prompt_index} box {index}" if len(prompts) > 1 else f"box {index}"
-            if error := _one_box_error(name, box, width, height):
-                return error
-    return None
-
-
-def _one_box_error(name: str, box: BoxPrompt, width: int, height: int) -> dict | None:
-    """`name` says which box in the message ("box 1", "prompt 2 box 0": indices as sent, 0-based)."""
-    if box.x1 >= width or box.y1 >= height:
-        return failure("invalid_box", f"{name} does not overlap the {width}x{height} image")
-    if box.x2 > MAX_BOX_OVERHANG * width or box.y2 > MAX_BOX_OVERHANG * height:
-        return failure(
-            "invalid_box",
-            f"{name} runs too far past the {width}x{height} image "
-            f"(x2 <= {MAX_BOX_OVERHANG * width}, y2 <= {MAX_BOX_OVERHANG * height})",
-        )
-    return None
-
-
-def visual_error(visual: VisualPrompt, width: int, height: int) -> dict | None:
-    """Points must lie on the image (display orientation, like boxes): 0 <= x < width, 0 <= y < height, pixels;
-    the box is checked as a concept prompt's boxes are (_box_error)."""
-    for index, point in enumerate(visual.points):
-        if not (0 <= point.x < width and 0 <= point.y < height):
-            return failure(
-                "invalid_point",
-                f"point {index} ({point.x:g}, {point.y:g}) is outside the {width}x{height} image "
-                f"(0 <= x < {width}, 0 <= y < {height})",
-            )
-    return None if visual.box is None else _one_box_error("the box", visual.box, width, height)

@@ -31,8 +31,8 @@ from backend.api_models import VideoPredictRequest
 from backend.errors import MODEL_ERROR_STATUS, ApiError, RowNotMarked, for_video
 from backend.model_client import ModelClient
 from backend.pipeline import failures_recorded, guard
+from backend.prompt_bounds import visual_error
 from backend.protocol import object_fields, object_prompt
-from backend.segmenter import visual_error
 from renderers.video_overlay import render_video_overlay
 from storage import ObjectStore
 from tasks import TaskResult, TaskStore

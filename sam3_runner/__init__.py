@@ -1,9 +1,15 @@
 """SAM 3 inference core: weight loading, batched concept and visual-prompt segmentation, post-processing.
 
 Knows nothing about HTTP, object storage or task rows.
+
+Importing the package is light: the prompt and result types and the image decoder load no torch. The model's
+parts (Sam3Engine, load_model, LoadedModel, WeightsError, VisualPromptsUnavailable) import torch and transformers
+(~700 MB of memory, ~3 s) when first used (PEP 562), so the gateway's workers, which only build prompts and read
+results, never load them.
 """
 
-from sam3_runner.engine import Sam3Engine
+from importlib import import_module
+
 from sam3_runner.images import (
     DecodedImage,
     ImageDecodeError,
@@ -12,7 +18,6 @@ from sam3_runner.images import (
     decode_threads,
     header_size,
 )
-from sam3_runner.loading import LoadedModel, WeightsError, load_model
 from sam3_runner.types import (
     BOX_ONLY_TEXT,
     Abandoned,
@@ -24,7 +29,21 @@ from sam3_runner.types import (
     PromptResult,
     VisualPrompt,
 )
-from sam3_runner.visual import VisualPromptsUnavailable
+
+_MODEL_PARTS = {
+    "Sam3Engine": "sam3_runner.engine",
+    "LoadedModel": "sam3_runner.loading",
+    "WeightsError": "sam3_runner.loading",
+    "load_model": "sam3_runner.loading",
+    "VisualPromptsUnavailable": "sam3_runner.visual",
+}
+
+
+def __getattr__(name: str):
+    if name in _MODEL_PARTS:
+        return getattr(import_module(_MODEL_PARTS[name]), name)
+    raise AttributeError(f"module 'sam3_runner' has no attribute {name!r}")
+
 
 __all__ = [
     "BOX_ONLY_TEXT",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from sam3_runner.image_cache import EncodedImage
+if TYPE_CHECKING:  # annotations only: the types load no torch (the gateway builds prompts from them)
+    import torch
+
+    from sam3_runner.image_cache import EncodedImage
 
 # What the model is told when a prompt has exemplar boxes but no words (the reference does the same).
 BOX_ONLY_TEXT = "visual"

@@ -166,6 +166,24 @@ def test_outputs_round_trip(server, storage_dir, image_key, path):
     assert all(set(part) == {"exterior", "holes"} for i in instances for part in i["polygons"])
 
 
+def test_the_gateway_workers_never_load_torch(server, image_key):
+    """The gateway builds prompts, reads results and draws outputs: its workers stay free of torch and transformers
+    (~700 MB of memory and ~3 s of start each; sam3_runner's docstring). Requests that draw on the photo (the
+    gateway decodes it) run first; the model worker, which loads torch, shows that the check can see it."""
+    for _ in range(4):  # the two gateway workers share the requests
+        assert post(server, "/api/v1/predict", body(image_key, outputs=["overlay", "cutout"])).status_code == 200
+    gateways = server.worker_pids("sam3-gateway")
+    [model] = server.worker_pids("sam3-model")
+    assert len(gateways) == 2
+    assert "libtorch" in mapped_files(model)
+    assert not [pid for pid in gateways if "libtorch" in mapped_files(pid)]
+
+
+def mapped_files(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
 def test_nothing_found_is_a_success_with_zero_confidence(server, image_key):
     result = post(server, "/api/v1/predict", body(image_key, threshold=1.0)).json()
     assert result["num_instances"] == 0 and result["confidence"] == 0 and result["labels"] == []
