@@ -25,9 +25,7 @@ import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,8 +90,7 @@ def measure(name: str, directory: Path, workdir: Path, args) -> dict:
             request = {**body, "user_id": "bench", "task_id": str(uuid.uuid4())}
             response = httpx.post(f"{bento.url}/api/v1/predict", json=request, timeout=300)
             assert response.status_code == 200, response.text
-        overlay = np.asarray(Image.open(next(storage.glob("masks/bench/*.overlay.jpg"))))
-        assert overlay.shape == (1080, 1920, 3)
+        assert len(list(storage.glob("masks/bench/*.overlay.jpg"))) == args.requests
         return {
             "served": name,
             "gateway_live_s": live.get("s"),
