@@ -185,6 +185,20 @@ def test_jpegs_the_device_path_must_not_take_go_through_pillow():
     assert isinstance(decode_image(encode(_smooth(8, 8)), device="cpu").pixels, np.ndarray)  # PNG
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2, "progressive": True}, {"quality": 40}, "grey"],
+)
+def test_pillow_alone_gives_the_pixels_the_device_decoder_gives(options):
+    """device=None (the gateway, drawing overlays) decodes with Pillow: the pixels the model service's decoder
+    gave the model, so an overlay lines up with the mask to the pixel."""
+    image = Image.fromarray(_smooth(48, 64))
+    data = _saved(image.convert("L"), "JPEG") if options == "grey" else _saved(image, "JPEG", **options)
+    by_pillow = decode_image(data, device=None).pixels
+    assert isinstance(by_pillow, np.ndarray)
+    assert np.array_equal(by_pillow, decode_image(data, device="cpu").pixels.numpy())
+
+
 def test_device_decoded_images_segment_like_host_arrays(engine):
     on_device = decode_image(encode(_smooth(48, 64), "JPEG"), device="cpu").pixels
     from_tensor = engine.run([Job(on_device, [Prompt("cat", score_threshold=0.0)])])[0][0]
