@@ -29,7 +29,7 @@ MAX_INSTANCES = 200
 MAX_IMAGE_URL_CHARS = 2048
 MAX_CALLBACK_URL_CHARS = 2048
 # Far past any image this server decodes (MAX_IMAGE_PIXELS): a larger coordinate is a mistake, refused at once. The
-# model service also refuses a box that ends more than 10 image widths (heights) away (backend/segmenter.py).
+# model service also refuses a box that ends more than 10 image widths (heights) away (backend/prompt_bounds.py).
 MAX_BOX_COORDINATE = 1_000_000
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 # What a request may ask for beyond the mask PNG (docs/api-contract.md, Outputs): "rle" is on by default.

@@ -45,6 +45,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sam3_runner' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODEL_PARTS))
+
+
 __all__ = [
     "BOX_ONLY_TEXT",
     "Abandoned",

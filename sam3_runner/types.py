@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # annotations only: the types load no torch (the gateway builds prompts from them)
+# Annotations only: the types load no torch (the gateway builds prompts from them). typing.get_type_hints on Job
+# needs torch and sam3_runner.image_cache imported first.
+if TYPE_CHECKING:
     import torch
 
     from sam3_runner.image_cache import EncodedImage
