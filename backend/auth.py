@@ -7,8 +7,8 @@ import hmac
 from fastapi.security import APIKeyHeader
 
 from backend.errors import error_response
+from backend.paths import PROBE_PATHS
 
-OPEN_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
 # The documentation is public (GET/HEAD only), so a browser can open Swagger UI and send the key through its
 # "Authorize" button: the page, the schema (it holds no secret) and Swagger UI's own JS, CSS and icon, served from
 # the installed fastapi-offline package. Every operation the page calls still needs the key.
@@ -39,7 +39,7 @@ class ApiKeyMiddleware:
     def _allowed(self, scope) -> bool:
         if self._key is None or scope["type"] != "http":
             return True
-        if scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+        if scope["method"] == "OPTIONS" or scope["path"] in PROBE_PATHS:
             return True
         if scope["method"] in ("GET", "HEAD") and (
             scope["path"] in DOCS_PATHS or scope["path"].startswith(DOCS_ASSETS_PREFIX + "/")

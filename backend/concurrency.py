@@ -2,14 +2,14 @@
 in the contract's error shape, with Retry-After, before anything is read or written (the row untouched).
 
 BentoML's own `traffic.max_concurrency` would answer `{"error": "Too many requests"}` (not the contract's shape), so
-the gateway leaves it unset and limits here. Probes and metrics are never refused (as BentoML's limit skips them).
+the gateway leaves it unset and limits here. Probes and metrics (backend/paths.PROBE_PATHS) are never refused.
 """
 
 from __future__ import annotations
 
 from backend.errors import error_response
+from backend.paths import PROBE_PATHS
 
-EXEMPT_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
 RETRY_AFTER_S = 1
 
 
@@ -25,7 +25,7 @@ class ConcurrencyLimit:
         )
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         if self._running >= self._max:
